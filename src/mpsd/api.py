@@ -1,0 +1,279 @@
+"""The library API the CLI is a thin layer over: :func:`compress`, :func:`open`, :func:`decompress`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mpsd.archive.format import IMAGE_DTYPES, StageMeta, StoreMeta
+from mpsd.archive.reader import Archive
+from mpsd.archive.writer import StoreWriter
+from mpsd.core.codec import EncodedBatch, StageSpec, encode_batch
+from mpsd.core.layout import SiteLayout, choose_layout
+from mpsd.core.quantize import check_storage_dtype
+from mpsd.core.ttsvd import check_bonds
+from mpsd.errors import OptionError
+from mpsd.readers import ImageSource, open_source, source_from_array
+
+log = logging.getLogger(__name__)
+
+#: Truncation used when no ``bond``, ``tol`` or ``ratio`` is given.
+DEFAULT_TOL = 0.05
+#: Images per chunk along the image axis (one chunk per core array holds this many images).
+DEFAULT_CHUNK_IMAGES = 1024
+
+
+def default_workers() -> int:
+    """Threads used to encode/decode: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _blas_single_thread():  # type: ignore[no-untyped-def]
+    """Pin BLAS/LAPACK to one thread (we parallelise over batches instead)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+def parse_bonds(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """Parse ``"4,6,6,4"`` (or a sequence) into a tuple of ints."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+        except ValueError:
+            raise OptionError(f"bonds must be comma-separated integers like 4,6,6,4, got {text!r}") from None
+    else:
+        values = tuple(int(v) for v in text)
+    if not values:
+        raise OptionError("bonds must not be empty")
+    return values
+
+
+def plan_stages(
+    layout: SiteLayout,
+    *,
+    bond: str | Sequence[int] | None,
+    tol: float | None,
+    ratio: float | None,
+    residual_bonds: Sequence[str | Sequence[int]] = (),
+) -> list[StageSpec]:
+    """Turn the truncation options into one :class:`StageSpec` per stage, validated against the sites."""
+    sites = layout.sites
+    bonds = parse_bonds(bond)
+    if bonds is not None:
+        bonds = check_bonds(bonds, sites)
+    if tol is not None and not (0 <= tol < 1):
+        raise OptionError(f"--tol must be in [0, 1), got {tol}")
+    if ratio is not None and not (0 < ratio <= 1):
+        raise OptionError(f"--ratio must be in (0, 1], got {ratio}")
+    if tol is not None and ratio is not None:
+        raise OptionError("--tol and --ratio cannot be combined (each chooses the ranks)")
+    if bonds is None and tol is None and ratio is None:
+        tol = DEFAULT_TOL
+    residual = [check_bonds(parse_bonds(rb) or (), sites) for rb in residual_bonds]
+    if ratio is not None and residual:
+        from mpsd.core.ttsvd import parameter_count
+
+        used = sum(int(parameter_count(sites, np.asarray(rb))) for rb in residual)
+        total = int(np.prod(sites))
+        ratio = ratio - used / total
+        if ratio <= 0:
+            raise OptionError(f"--ratio leaves nothing for the first stage: the residual stages already use {used / total:.3f}")
+    stages = [StageSpec(bonds=bonds, tol=tol, ratio=ratio)]
+    stages += [StageSpec(bonds=rb) for rb in residual]
+    return stages
+
+
+def _as_source(
+    images: np.ndarray | ImageSource | str | Path,
+    labels: np.ndarray | None,
+    classes: Sequence[str] | None,
+    names: Sequence[str] | None,
+) -> ImageSource:
+    if isinstance(images, ImageSource):
+        return images
+    if isinstance(images, (str, Path)):
+        return open_source(images)
+    return source_from_array(
+        np.asarray(images),
+        labels=labels,
+        classes=list(classes) if classes is not None else None,
+        names=list(names) if names is not None else None,
+    )
+
+
+def _encode_images(
+    images: np.ndarray, layout: SiteLayout, stages: Sequence[StageSpec], dtype: str, max_value: int
+) -> tuple[EncodedBatch, np.ndarray]:
+    """Encode (B, H, W, C) integer images; returns the batch and each image's squared pixel error."""
+    tensors = layout.to_sites(images) / max_value
+    batch = encode_batch(tensors, stages, dtype=dtype)
+    recon = layout.from_sites(batch.reconstruction) * max_value
+    decoded = np.clip(np.rint(recon), 0, max_value)
+    sq_error = ((decoded - images) ** 2).reshape(images.shape[0], -1).sum(axis=1)
+    return batch, sq_error
+
+
+def _concat_batches(parts: list[EncodedBatch]) -> EncodedBatch:
+    """Join batches encoded in parallel (cores padded to the largest rank)."""
+    if len(parts) == 1:
+        return parts[0]
+    from mpsd.core.codec import EncodedStage
+
+    stages = []
+    for i in range(len(parts[0].stages)):
+        ss = [p.stages[i] for p in parts]
+        cores = []
+        for k in range(len(ss[0].cores)):
+            r0 = max(s.cores[k].shape[1] for s in ss)
+            r1 = max(s.cores[k].shape[3] for s in ss)
+            padded = []
+            for s in ss:
+                c = s.cores[k]
+                z = np.zeros((c.shape[0], r0, c.shape[2], r1), dtype=c.dtype)
+                z[:, : c.shape[1], :, : c.shape[3]] = c
+                padded.append(z)
+            cores.append(np.concatenate(padded))
+        stages.append(
+            EncodedStage(
+                cores=cores,
+                scales=None if ss[0].scales is None else np.concatenate([s.scales for s in ss]),  # type: ignore[misc]
+                ranks=np.concatenate([s.ranks for s in ss]),
+                local_errors=np.concatenate([s.local_errors for s in ss]),
+                bound=np.concatenate([s.bound for s in ss]),
+            )
+        )
+    return EncodedBatch(
+        stages=stages,
+        entropy=np.concatenate([p.entropy for p in parts]),
+        norm=np.concatenate([p.norm for p in parts]),
+        error=np.concatenate([p.error for p in parts]),
+        reconstruction=np.concatenate([p.reconstruction for p in parts]),
+    )
+
+
+def compress(
+    images: np.ndarray | ImageSource | str | Path,
+    path: str | Path,
+    *,
+    bond: str | Sequence[int] | None = None,
+    tol: float | None = None,
+    ratio: float | None = None,
+    residual_bonds: Sequence[str | Sequence[int]] = (),
+    sites: str | int | Sequence[int] | None = None,
+    order: str = "quadtree",
+    colour: str = "separate",
+    dtype: str = "int8",
+    labels: np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Archive:
+    """Compress images into an mpsd store.
+
+    Parameters
+    ----------
+    images : ndarray of shape (N, H, W) or (N, H, W, C), ImageSource, or path
+        uint8/uint16 images, an opened reader, or a file/folder for :func:`mpsd.readers.open_source`.
+    path : str or Path
+        Store to create (a folder).
+    bond : str or sequence of int, optional
+        Largest bond dimension of each of the n−1 bonds of the first stage, e.g. ``"4,6,6,4"``;
+        each is capped by the exact rank.  May cap ``tol`` or ``ratio``.
+    tol : float, optional
+        Relative Frobenius error allowed per image for the first stage (ranks differ per image).
+    ratio : float, optional
+        Target parameter ratio ρ for the whole dataset (all stages): parameters kept / pixels.
+    residual_bonds : sequence of bonds
+        One entry per residual stage (Algorithm 2), each decomposing what the earlier stages left.
+    sites : "auto", int, or site dimensions, optional
+        See :func:`mpsd.core.layout.choose_layout`.
+    order : {"quadtree", "row"}
+    colour : {"separate", "site"}
+    dtype : {"int8", "float16", "float32"}
+        How cores are stored.
+    labels, classes, names : optional
+        Stored with the images (for array input; readers provide their own).
+    chunk_images : int
+        Images per chunk.
+    workers : int, optional
+        Encoding threads (default: the CPUs available).  BLAS is pinned to one thread.
+    overwrite : bool
+        Replace an existing store (only after the new one is committed).
+    progress : callable, optional
+        Called with the number of images finished after every chunk.
+
+    Returns
+    -------
+    Archive
+        The committed store, opened.
+
+    With no ``bond``, ``tol`` or ``ratio``, ``tol = 0.05`` (:data:`DEFAULT_TOL`) is used.
+    """
+    source = _as_source(images, labels, classes, names)
+    check_storage_dtype(dtype)
+    if chunk_images < 1:
+        raise OptionError(f"--chunk-images must be >= 1, got {chunk_images}")
+    h, w, c = source.image_shape
+    layout = choose_layout(h, w, c, sites=sites, order=order, colour=colour)  # type: ignore[arg-type]
+    specs = plan_stages(layout, bond=bond, tol=tol, ratio=ratio, residual_bonds=residual_bonds)
+    image_dtype = np.dtype(source.dtype).name
+    if image_dtype not in IMAGE_DTYPES:
+        raise OptionError(f"{source.path}: images must be uint8 or uint16, got {image_dtype}")
+    max_value = IMAGE_DTYPES[image_dtype]
+    meta = StoreMeta(
+        layout=layout,
+        image_dtype=image_dtype,
+        channel_axis=source.channel_axis,
+        n_images=source.n_images,
+        stages=[
+            StageMeta(role="image" if i == 0 else "residual", bonds=s.max_bonds(layout.sites), spec=s.to_dict())
+            for i, s in enumerate(specs)
+        ],
+        storage_dtype=dtype,
+        chunk_images=chunk_images,
+        classes=source.classes,
+        has_labels=source.labels is not None,
+        has_names=source.names is not None,
+        source={
+            "path": os.path.basename(str(source.path)),
+            "conversions": source.conversions,
+            "skipped": [list(s) for s in source.skipped],
+        },
+    )
+    n_workers = max(1, workers or default_workers())
+    with StoreWriter(path, meta, overwrite=overwrite) as writer, _blas_single_thread(), ThreadPoolExecutor(n_workers) as pool:
+        done = 0
+        for start, block in source.iter_chunks(chunk_images):
+            pieces = np.array_split(block, min(n_workers, block.shape[0]))
+            results = list(pool.map(lambda part: _encode_images(part, layout, specs, dtype, max_value), pieces))
+            batch = _concat_batches([r[0] for r in results])
+            sq_error = np.concatenate([r[1] for r in results])
+            writer.write_batch(start, batch, sq_error)
+            done += block.shape[0]
+            if progress is not None:
+                progress(done)
+        if source.labels is not None:
+            writer.write_labels(source.labels)
+        if source.names is not None:
+            writer.write_names(source.names)
+        writer.commit()
+    return Archive(path)
+
+
+def open(path: str | Path) -> Archive:  # noqa: A001 - mirrors zarr.open / io.open
+    """Open a committed store for reading; ``mpsd.open(path)[i]`` decodes image i."""
+    return Archive(path)

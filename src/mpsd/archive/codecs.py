@@ -1,0 +1,48 @@
+"""The codecs every mpsd array is written with, and the allow-list a reader accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: zstd level used for every array (3 is zstd's default: fast, within a few % of level 19 here).
+ZSTD_LEVEL = 3
+
+#: Codec names a store may use; anything else is refused on open (untrusted stores).
+ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c", "transpose"})
+
+
+def array_codecs() -> dict[str, Any]:
+    """Keyword arguments for :func:`zarr.create_array`: zstd, then a CRC-32C checksum.
+
+    The checksum comes after the compressor, so a flipped bit in a chunk is caught before
+    decompression and reported as a corrupt chunk instead of turning into wrong pixels.
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]}
+
+
+def stored_nbytes(arrays: dict[str, Any], *, chunk_rows: int = 1024) -> int:
+    """Bytes the given arrays take when written the way mpsd writes its stores.
+
+    Writes every array into an in-memory Zarr v3 group with :func:`array_codecs` (chunked along
+    axis 0 by ``chunk_rows``) and sums the sizes of all stored values, metadata included.  Used to
+    count baselines' bytes the same way as an mpsd store's.
+
+    Parameters
+    ----------
+    arrays : dict of str to ndarray
+        Arrays to measure, by name.
+    """
+    import numpy as np
+    import zarr
+    from zarr.storage import MemoryStore
+
+    store = MemoryStore()
+    group = zarr.open_group(store, mode="w", zarr_format=3)
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        chunks = (min(chunk_rows, max(value.shape[0], 1)), *value.shape[1:]) if value.ndim else ()
+        arr = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, **array_codecs())
+        arr[...] = value
+    return sum(len(buf) for buf in store._store_dict.values())

@@ -1,0 +1,301 @@
+"""Open a committed mpsd store and decode any selection of images."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpsd.archive.codecs import ALLOWED_CODECS
+from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, MAX_CHUNK_ELEMENTS, StoreMeta, parse_metadata
+from mpsd.core.codec import decode_stages
+from mpsd.errors import ChunkNotFoundError, CorruptChunkError, StoreError
+
+IndexLike = int | slice | Sequence[int] | np.ndarray
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise StoreError(f"{path.parent}: {what} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: {what} is not valid JSON ({exc})") from exc
+
+
+class Archive:
+    """A committed mpsd store, opened for reading.
+
+    Indexing decodes images: ``archive[i]`` gives one image (H, W) or (H, W, C), ``archive[a:b]``
+    and ``archive[[i, j, ...]]`` a batch (B, H, W[, C]), in the dtype of the source.  Only the
+    chunks holding the selected images are read.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store folder.
+
+    Attributes
+    ----------
+    meta : StoreMeta
+        The validated metadata.
+    labels : ndarray of shape (N,) or None
+    classes : list of str or None
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import zarr
+        from zarr.storage import LocalStore
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: no such store")
+        manifest_path = self.path / MANIFEST_NAME
+        if not manifest_path.exists():
+            raise StoreError(f"{self.path}: incomplete store (no {MANIFEST_NAME}: it was never committed)")
+        self.manifest = _read_json(manifest_path, "manifest")
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("files"), dict):
+            raise StoreError(f"{manifest_path}: not an mpsd manifest")
+        root_meta = _read_json(self.path / "zarr.json", "zarr.json")
+        if not isinstance(root_meta, dict) or root_meta.get("zarr_format") != 3:
+            raise StoreError(f"{self.path}: not a Zarr v3 store")
+        self.meta: StoreMeta = parse_metadata(
+            (root_meta.get("attributes") or {}).get(ATTRS_KEY), str(self.path)
+        )
+        committed = self.manifest.get("n_committed")
+        if committed != self.meta.n_images:
+            raise StoreError(
+                f"{self.path}: manifest commits {committed!r} images but the metadata says {self.meta.n_images}"
+            )
+        try:
+            self._group = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+        except Exception as exc:  # zarr raises many types for broken metadata
+            raise StoreError(f"{self.path}: cannot open as a Zarr v3 group: {exc}") from exc
+        self._arrays: dict[str, Any] = {}
+        self._expected_shapes = self._shapes()
+        self.labels = self._read_whole("labels") if self.meta.has_labels else None
+        self.classes = self.meta.classes
+
+    # ------------------------------------------------------------------ validation
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        meta = self.meta
+        n, m = meta.n_images, meta.mps_per_image
+        sites = meta.layout.sites
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, stage in enumerate(meta.stages):
+            bonds = (1, *stage.bonds, 1)
+            for k, d in enumerate(sites):
+                shapes[f"stage{i}/core{k}"] = (n, m, bonds[k], d, bonds[k + 1])
+            if meta.storage_dtype == "int8":
+                shapes[f"stage{i}/scales"] = (n, m, len(sites))
+            shapes[f"stage{i}/ranks"] = (n, m, len(sites) - 1)
+        if meta.has_labels:
+            shapes["labels"] = (n,)
+        return shapes
+
+    def _array(self, name: str) -> Any:
+        if name in self._arrays:
+            return self._arrays[name]
+        try:
+            arr = self._group[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: array {name!r} is missing") from None
+        except Exception as exc:
+            raise StoreError(f"{self.path}: array {name!r} has invalid metadata: {exc}") from exc
+        md = arr.metadata
+        names = {c.to_dict()["name"] for c in md.codecs} | {
+            c.to_dict()["name"] for c in getattr(md, "codecs", []) for c in getattr(c, "codecs", [])
+        }
+        bad = names - ALLOWED_CODECS
+        if bad:
+            raise StoreError(f"{self.path}: array {name!r} uses codecs outside the allow-list: {sorted(bad)}")
+        expected = self._expected_shapes.get(name)
+        if expected is not None and tuple(arr.shape) != expected:
+            raise StoreError(f"{self.path}: array {name!r} has shape {tuple(arr.shape)}, expected {expected}")
+        chunk_elems = math.prod(arr.chunks)
+        if chunk_elems > MAX_CHUNK_ELEMENTS:
+            raise StoreError(f"{self.path}: array {name!r} has chunks of {chunk_elems} elements (cap {MAX_CHUNK_ELEMENTS})")
+        self._arrays[name] = arr
+        return arr
+
+    def _chunk_key(self, name: str, chunk: int, ndim: int) -> str:
+        return f"{name}/c/" + "/".join([str(chunk)] + ["0"] * (ndim - 1))
+
+    def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of an array, all inside one chunk along axis 0."""
+        arr = self._array(name)
+        chunk = start // arr.chunks[0]
+        key = self._chunk_key(name, chunk, arr.ndim)
+        if key not in self.manifest["files"] or not (self.path / key).is_file():
+            raise ChunkNotFoundError(name, key)
+        try:
+            return np.asarray(arr[start:stop])
+        except Exception as exc:
+            raise CorruptChunkError(name, key, str(exc) or type(exc).__name__) from exc
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        arr = self._array(name)
+        step = arr.chunks[0] if arr.ndim else 1
+        parts = [self._read_rows(name, s, min(s + step, arr.shape[0])) for s in range(0, arr.shape[0], step)]
+        return np.concatenate(parts) if parts else np.zeros(arr.shape, arr.dtype)
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return self.meta.n_images
+
+    def __repr__(self) -> str:
+        h, w, c = self.image_shape
+        return f"<mpsd.Archive {str(self.path)!r}: {len(self)} images {h}x{w}x{c}, sites {list(self.meta.layout.sites)}>"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)``."""
+        lay = self.meta.layout
+        return (lay.height, lay.width, lay.channels)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta.image_dtype)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """Sum of the sizes of every file of the store (metadata and manifest included)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.path):
+            for name in files:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
+
+    @property
+    def names(self) -> list[str] | None:
+        """Relative file names of the source images, when the source had them."""
+        if not self.meta.has_names:
+            return None
+        offsets = self._read_whole("names/offsets")
+        blob = self._read_whole("names/utf8").tobytes()
+        if offsets.shape != (self.meta.n_images + 1,) or offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(blob):
+            raise StoreError(f"{self.path}: names/offsets do not match names/utf8")
+        return [blob[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogateescape") for i in range(len(offsets) - 1)]
+
+    def metric(self, name: str) -> np.ndarray:
+        """A whole per-image metric array (``metrics/...`` or ``stage{i}/...``)."""
+        return self._read_whole(name)
+
+    # ------------------------------------------------------------------ decoding
+    def _indices(self, key: IndexLike) -> tuple[np.ndarray, bool]:
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -n <= i < n:
+                raise IndexError(f"image index {i} out of range for {n} images")
+            return np.array([i % n]), True
+        if isinstance(key, slice):
+            return np.arange(n)[key], False
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean mask must have shape ({n},)")
+            return np.nonzero(idx)[0], False
+        if idx.dtype.kind not in "iu":
+            raise IndexError(f"cannot index images with {idx.dtype}")
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"image index out of range for {n} images")
+        return idx.reshape(-1) % n, False
+
+    def _decode_rows(self, start: int, stop: int) -> np.ndarray:
+        """Float reconstruction (normalised units) of images start:stop inside one chunk: (B, H, W, C)."""
+        meta = self.meta
+        stages = []
+        n_rows = stop - start
+        m = meta.mps_per_image
+        for i in range(len(meta.stages)):
+            cores = []
+            for k in range(len(meta.layout.sites)):
+                c = self._read_rows(f"stage{i}/core{k}", start, stop)
+                cores.append(c.reshape(n_rows * m, *c.shape[2:]))
+            scales = None
+            if meta.storage_dtype == "int8":
+                scales = self._read_rows(f"stage{i}/scales", start, stop).reshape(n_rows * m, -1)
+                if not np.isfinite(scales).all():
+                    raise StoreError(f"{self.path}: stage {i} has non-finite scales for images {start}..{stop - 1}")
+            else:
+                for k, c in enumerate(cores):
+                    if not np.isfinite(c).all():
+                        raise StoreError(f"{self.path}: stage {i} core {k} has NaN/Inf values for images {start}..{stop - 1}")
+            stages.append((cores, scales))
+        flat = decode_stages(stages)
+        return meta.layout.from_sites(flat)
+
+    def _iter_runs(self, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Group sorted unique indices by chunk: yields (start, stop, positions-in-run)."""
+        ch = self.meta.chunk_images
+        uniq = np.unique(idx)
+        chunks = uniq // ch
+        for c in np.unique(chunks):
+            members = uniq[chunks == c]
+            yield int(members[0]), int(members[-1]) + 1, members
+
+    def decode(self, key: IndexLike, *, kind: str = "image") -> np.ndarray:
+        """Decode a selection of images.
+
+        Parameters
+        ----------
+        key : int, slice, sequence of int or bool mask
+            Which images.
+        kind : {"image", "float"}
+            ``"image"``: rounded and clipped to the source dtype, shaped like the source
+            ((B, H, W) for greyscale sources without a channel axis, else (B, H, W, C)).
+            ``"float"``: float32 (B, H, W, C) in pixel units before rounding.
+
+        Returns
+        -------
+        ndarray
+            One image (without the batch axis) for an int key.
+        """
+        idx, single = self._indices(key)
+        h, w, c = self.image_shape
+        out = np.empty((idx.size, h, w, c), dtype=np.float32 if kind == "float" else self.dtype)
+        if idx.size:
+            order = np.argsort(idx, kind="stable")
+            sorted_idx = idx[order]
+            for start, stop, members in self._iter_runs(sorted_idx):
+                block = self._decode_rows(start, stop) * self.meta.max_value
+                block = block[members - start]
+                if kind == "float":
+                    values = block.astype(np.float32)
+                else:
+                    values = np.clip(np.rint(block), 0, self.meta.max_value).astype(self.dtype)
+                lo = np.searchsorted(sorted_idx, members[0], side="left")
+                hi = np.searchsorted(sorted_idx, members[-1], side="right")
+                # expand duplicates: positions in sorted order whose value is in members
+                pos = np.searchsorted(members, sorted_idx[lo:hi])
+                out[order[lo:hi]] = values[pos]
+        if kind != "float" and not self.meta.channel_axis:
+            out = out[..., 0]
+        return out[0] if single else out
+
+    def __getitem__(self, key: IndexLike) -> np.ndarray:
+        return self.decode(key)
+
+    def iter_batches(self, batch_images: int | None = None, *, kind: str = "image") -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, images)`` over the whole store, one chunk-aligned batch at a time."""
+        step = batch_images or self.meta.chunk_images
+        for start in range(0, len(self), step):
+            yield start, self.decode(slice(start, min(start + step, len(self))), kind=kind)
+
+    def stats(self) -> Any:
+        """Numbers about this store: see :class:`mpsd.stats.StoreStats`."""
+        from mpsd.stats import compute_stats
+
+        return compute_stats(self)
+
+
+def open_store(path: str | Path) -> Archive:
+    """Open a committed store for reading (see :class:`Archive`)."""
+    return Archive(path)

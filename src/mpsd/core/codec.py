@@ -1,0 +1,253 @@
+"""Encode a batch of site tensors into MPS stages (Algorithm 2) and decode them again.
+
+Stage 1 decomposes the tensors S; every further stage decomposes what the earlier stages,
+*as stored* (after quantisation), left over: ``R = S − Σ earlier``.  Decoding sums the stages.
+Tensors are expected in normalised units (pixels divided by the dtype's maximum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpsd.core.contract import contract
+from mpsd.core.quantize import dequantize, quantize
+from mpsd.core.spectra import (
+    entanglement_entropy,
+    local_truncation_errors,
+    theorem1_bound,
+    unfolding_spectra,
+)
+from mpsd.core.ttsvd import check_bonds, exact_ranks, parameter_count, tt_svd
+from mpsd.errors import OptionError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How one stage is truncated.
+
+    Parameters
+    ----------
+    bonds : tuple of int, optional
+        Largest bond dimension of every bond (capped by the exact rank).
+    tol : float, optional
+        Relative Frobenius error allowed per tensor for this stage's input (may be capped by
+        ``bonds``).
+    ratio : float, optional
+        Parameter budget of this stage as a fraction of the tensor size (``prod d_k``), spent
+        across the batch where it removes the most error (see :func:`ranks_for_budget`).
+    """
+
+    bonds: tuple[int, ...] | None = None
+    tol: float | None = None
+    ratio: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"bonds": list(self.bonds) if self.bonds else None, "tol": self.tol, "ratio": self.ratio}
+
+    def max_bonds(self, sites: Sequence[int]) -> tuple[int, ...]:
+        """Largest possible bond dimensions of this stage: the storage shape of its cores."""
+        return check_bonds(self.bonds, sites) if self.bonds else exact_ranks(sites)
+
+
+@dataclass
+class EncodedStage:
+    """One stage of a batch, as stored.
+
+    Attributes
+    ----------
+    cores : list of ndarray
+        Stored cores (int8/float16/float32), core k of shape (B, R_{k-1}, d_k, R_k).
+    scales : ndarray of shape (B, n) float32, or None
+        Per-tensor scale of every core (int8 storage only).
+    ranks : ndarray of shape (B, n−1)
+        Bond dimensions used.
+    local_errors : ndarray of shape (B, n−1)
+        Local truncation errors ε_k (Definition 1) of this stage's input.
+    bound : ndarray of shape (B,)
+        Theorem 1 bound ``sqrt(Σ ε_k²)`` on this stage's (unquantised) error.
+    """
+
+    cores: list[np.ndarray]
+    scales: np.ndarray | None
+    ranks: np.ndarray
+    local_errors: np.ndarray
+    bound: np.ndarray
+
+
+@dataclass
+class EncodedBatch:
+    """Every stage of a batch plus the per-tensor numbers the paper defines.
+
+    Attributes
+    ----------
+    stages : list of EncodedStage
+    entropy : ndarray of shape (B, n−1)
+        Entanglement entropy (Eq. 3) of the unfoldings of the original tensors.
+    norm : ndarray of shape (B,)
+        ``‖S‖_F``.
+    error : ndarray of shape (B,)
+        ``‖S − Σ stages‖_F`` of the stored (dequantised) stages.
+    reconstruction : ndarray of shape (B, prod d)
+        ``Σ stages`` as decoded from what is stored.
+    """
+
+    stages: list[EncodedStage]
+    entropy: np.ndarray
+    norm: np.ndarray
+    error: np.ndarray
+    reconstruction: np.ndarray
+
+
+def _consistent(ranks: np.ndarray, sites: Sequence[int]) -> np.ndarray:
+    """Clip ranks so that r_k <= r_{k-1}·d_k and r_k <= d_{k+1}·r_{k+1} (both sweeps)."""
+    r = ranks.copy()
+    n1 = r.shape[1]
+    for k in range(n1):
+        left = sites[k] * (r[:, k - 1] if k > 0 else 1)
+        r[:, k] = np.minimum(r[:, k], left)
+    for k in range(n1 - 1, -1, -1):
+        right = sites[k + 1] * (r[:, k + 1] if k + 1 < n1 else 1)
+        r[:, k] = np.minimum(r[:, k], right)
+    return np.maximum(r, 1)
+
+
+def ranks_for_budget(
+    spectra: list[np.ndarray], sites: Sequence[int], budget: float, caps: Sequence[int]
+) -> np.ndarray:
+    """Per-tensor ranks that fit a parameter budget for the whole batch.
+
+    One threshold τ on the squared singular values of the unfoldings is shared by the whole
+    batch: bond k of tensor b keeps the singular values above τ (at least 1, at most ``caps[k]``,
+    made consistent between neighbouring bonds).  The smallest τ whose total parameter count
+    fits ``budget`` is found by bisection over the observed singular values.  A shared threshold
+    keeps the singular values that remove the most squared error, wherever they are, so the budget
+    goes to the images and bonds that need it.
+
+    Parameters
+    ----------
+    spectra : list of ndarray of shape (B, m_k)
+        Squared singular values of the unfoldings, largest first.
+    sites : sequence of int
+    budget : float
+        Total number of parameters allowed for the batch.
+    caps : sequence of int
+        Largest rank of each bond.
+
+    Returns
+    -------
+    ndarray of shape (B, n−1)
+    """
+    b = spectra[0].shape[0]
+    caps_arr = np.asarray(caps, dtype=np.int64)
+
+    def ranks_at(tau: float) -> np.ndarray:
+        r = np.stack([(sq > tau).sum(axis=1) for sq in spectra], axis=1)
+        return _consistent(np.clip(r, 1, caps_arr), sites)
+
+    minimum = parameter_count(sites, _consistent(np.ones((b, len(caps)), dtype=np.int64), sites)).sum()
+    if budget < minimum:
+        raise OptionError(
+            f"--ratio is too small: even bond dimension 1 needs {minimum / (b * math.prod(sites)):.4f} "
+            "of the parameters"
+        )
+    values = np.unique(np.concatenate([sq.ravel() for sq in spectra]))
+    values = np.concatenate([[0.0], values])
+    lo, hi = 0, len(values) - 1  # params(values[hi]) is minimal (all ranks 1)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if parameter_count(sites, ranks_at(values[mid])).sum() <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ranks_at(values[lo])
+
+
+def encode_batch(
+    tensors: np.ndarray,
+    stages: Sequence[StageSpec],
+    *,
+    dtype: str = "int8",
+) -> EncodedBatch:
+    """Encode a batch with one or more stages.
+
+    Parameters
+    ----------
+    tensors : ndarray of shape (B, d_1, ..., d_n)
+        Site tensors (normalised units).
+    stages : sequence of StageSpec
+        Truncation of stage 1 (the image) and of each residual stage.
+    dtype : {"int8", "float16", "float32"}
+        Storage dtype of the cores.
+
+    Returns
+    -------
+    EncodedBatch
+    """
+    s = np.asarray(tensors, dtype=np.float64)
+    b, sites = s.shape[0], s.shape[1:]
+    flat = s.reshape(b, -1)
+    total = np.zeros_like(flat)
+    encoded: list[EncodedStage] = []
+    entropy = None
+    for i, spec in enumerate(stages):
+        target = s if i == 0 else (flat - total).reshape(s.shape)
+        spectra = unfolding_spectra(target)
+        if i == 0:
+            entropy = entanglement_entropy(spectra)
+        caps: np.ndarray | tuple[int, ...] = spec.max_bonds(sites)
+        if spec.ratio is not None:
+            caps = ranks_for_budget(spectra, sites, spec.ratio * b * math.prod(sites), caps)
+        tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
+        local = local_truncation_errors(spectra, tt.ranks)
+        stored, scales = [], []
+        for core in tt.cores:
+            q, sc = quantize(core, dtype)
+            stored.append(q)
+            scales.append(sc)
+        total = total + contract([dequantize(q, sc) for q, sc in zip(stored, scales, strict=True)])
+        encoded.append(
+            EncodedStage(
+                cores=stored,
+                scales=None if dtype != "int8" else np.stack(scales, axis=1),  # type: ignore[arg-type]
+                ranks=tt.ranks,
+                local_errors=local,
+                bound=theorem1_bound(local),
+            )
+        )
+    assert entropy is not None
+    return EncodedBatch(
+        stages=encoded,
+        entropy=entropy,
+        norm=np.linalg.norm(flat, axis=1),
+        error=np.linalg.norm(flat - total, axis=1),
+        reconstruction=total,
+    )
+
+
+def decode_stages(
+    stages: Sequence[tuple[Sequence[np.ndarray], np.ndarray | None]],
+) -> np.ndarray:
+    """Sum the contracted stages.
+
+    Parameters
+    ----------
+    stages : sequence of (cores, scales)
+        Stored cores (each (B, R_{k-1}, d_k, R_k)) and their scales ((B, n) or None).
+
+    Returns
+    -------
+    ndarray of shape (B, prod d), float64
+    """
+    total = None
+    for cores, scales in stages:
+        part = contract(
+            [dequantize(c, None if scales is None else scales[:, k]) for k, c in enumerate(cores)]
+        )
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no stages to decode")
+    return total

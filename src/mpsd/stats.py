@@ -1,0 +1,158 @@
+"""Numbers about a store, as a dataclass (no printing here; the CLI formats them).
+
+Definitions
+-----------
+param_ratio
+    The paper's ρ: MPS parameters kept, ``Σ_stages Σ_k r_{k-1}·d_k·r_k`` with each image's actual
+    ranks, divided by the number of tensor entries ``prod_k d_k`` (padded pixels), averaged over
+    every MPS of the dataset.
+bytes_on_disk
+    Sum of the sizes of every file of the store (cores, scales, metrics, labels, names, metadata,
+    manifest), measured with ``lstat``.
+raw_bytes
+    ``N·H·W·C·itemsize`` at the source dtype.
+psnr
+    ``10·log10(MAX² / MSE)`` with MSE the mean squared pixel error over the whole dataset of the
+    decoded integer images (what ``mpsd decompress`` writes); ``None`` if every image is exact.
+rel_error
+    Mean over images of ``‖S − Ŝ‖_F / ‖S‖_F`` for the stored reconstruction before rounding
+    (after quantisation), images with ``‖S‖ = 0`` left out.
+error_bound
+    Mean over images of the Theorem 1 bound of the last stage divided by ``‖S‖_F``: an upper bound
+    on the relative error of the unquantised reconstruction.
+entropy
+    Mean entanglement entropy (Eq. 3, natural log) of the unfoldings of the original images at
+    each bond, over every MPS (stage 1 input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mpsd.core.ttsvd import parameter_count
+
+if TYPE_CHECKING:
+    from mpsd.archive.reader import Archive
+
+
+@dataclass
+class StageStats:
+    role: str
+    bonds: list[int]
+    mean_ranks: list[float]
+    param_ratio: float
+    bytes_on_disk: int
+    truncation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StoreStats:
+    path: str
+    images: int
+    image_shape: list[int]
+    image_dtype: str
+    sites: list[int]
+    order: str
+    colour: str
+    core_dtype: str
+    stages: list[StageStats]
+    param_ratio: float
+    bytes_on_disk: int
+    raw_bytes: int
+    byte_ratio: float
+    bytes_per_image: float
+    entropy: list[float]
+    psnr: float | None
+    psnr_mean: float | None
+    rel_error: float
+    error_bound: float
+    supplement_bytes: int
+    classes: list[str] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dir_bytes(path: Any) -> int:
+    import os
+
+    total = 0
+    if path.is_dir():
+        for dirpath, _dirs, files in os.walk(path):
+            total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
+    return total
+
+
+def compute_stats(archive: Archive) -> StoreStats:
+    """Compute :class:`StoreStats` for an opened store (reads only the small metric arrays)."""
+    meta = archive.meta
+    sites = meta.layout.sites
+    total_entries = math.prod(sites)
+    h, w, c = archive.image_shape
+    stages = []
+    ratio_total = 0.0
+    supplement_bytes = 0
+    for i, st in enumerate(meta.stages):
+        ranks = archive.metric(f"stage{i}/ranks").astype(np.int64)
+        ranks = ranks.reshape(-1, ranks.shape[-1])
+        ratio = float(parameter_count(sites, ranks).mean() / total_entries)
+        nbytes = _dir_bytes(archive.path / f"stage{i}")
+        if st.role == "supplement":
+            supplement_bytes += nbytes
+        else:
+            ratio_total += ratio
+        stages.append(
+            StageStats(
+                role=st.role,
+                bonds=list(st.bonds),
+                mean_ranks=[round(float(v), 4) for v in ranks.mean(axis=0)],
+                param_ratio=ratio,
+                bytes_on_disk=nbytes,
+                truncation=st.spec,
+            )
+        )
+    entropy = archive.metric("metrics/entropy").astype(np.float64)
+    entropy = entropy.reshape(-1, entropy.shape[-1]).mean(axis=0)
+    norm = archive.metric("metrics/norm").astype(np.float64)
+    error = archive.metric("metrics/error").astype(np.float64)
+    img_norm = np.sqrt((norm**2).sum(axis=1))
+    img_error = np.sqrt((error**2).sum(axis=1))
+    last = len([s for s in meta.stages if s.role != "supplement"]) - 1
+    bound = archive.metric(f"stage{last}/bound").astype(np.float64)
+    img_bound = np.sqrt((bound**2).sum(axis=1))
+    nz = img_norm > 0
+    sq = archive.metric("metrics/sq_error")
+    pixels = h * w * c
+    mse = float(sq.sum() / (pixels * len(sq)))
+    peak = float(meta.max_value)
+    per_image_mse = sq / pixels
+    lossy = per_image_mse > 0
+    bytes_on_disk = archive.bytes_on_disk
+    raw = len(archive) * pixels * np.dtype(meta.image_dtype).itemsize
+    return StoreStats(
+        path=str(archive.path),
+        images=len(archive),
+        image_shape=[h, w, c],
+        image_dtype=meta.image_dtype,
+        sites=list(sites),
+        order=meta.layout.order,
+        colour=meta.layout.colour,
+        core_dtype=meta.storage_dtype,
+        stages=stages,
+        param_ratio=ratio_total,
+        bytes_on_disk=bytes_on_disk,
+        raw_bytes=int(raw),
+        byte_ratio=bytes_on_disk / raw,
+        bytes_per_image=bytes_on_disk / len(archive),
+        entropy=[float(v) for v in entropy],
+        psnr=None if mse == 0 else float(10 * np.log10(peak**2 / mse)),
+        psnr_mean=float(np.mean(10 * np.log10(peak**2 / per_image_mse[lossy]))) if lossy.any() else None,
+        rel_error=float((img_error[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+        error_bound=float((img_bound[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+        supplement_bytes=supplement_bytes,
+        classes=archive.classes,
+    )
