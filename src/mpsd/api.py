@@ -274,6 +274,6 @@ def compress(
     return Archive(path)
 
 
-def open(path: str | Path) -> Archive:  # noqa: A001 - mirrors zarr.open / io.open
+def open(path: str | Path) -> Archive:
     """Open a committed store for reading; ``mpsd.open(path)[i]`` decodes image i."""
     return Archive(path)

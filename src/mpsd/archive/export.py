@@ -99,7 +99,11 @@ def export_npz(archive: Archive, out: Path, selection: slice | list[int], *, ove
         arrays["y"] = archive.labels[indices]
     if archive.classes is not None:
         arrays["classes"] = np.asarray(archive.classes)
-    _write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    _write_atomic(out, write)
     return len(indices)
 
 
@@ -108,7 +112,7 @@ def export_pngs(archive: Archive, out: Path, selection: slice | list[int], *, ov
     """Decode the selection into PNG files under ``out`` (created), keeping class folders."""
     from PIL import Image
 
-    h, w, c = archive.image_shape
+    c = archive.image_shape[2]
     if archive.dtype == np.uint16 and c != 1:
         raise OptionError("16-bit colour images cannot be written as PNG by Pillow; decompress to .npz instead")
     indices = np.arange(len(archive))[selection] if isinstance(selection, slice) else np.asarray(selection)

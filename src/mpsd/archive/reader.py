@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from mpsd.archive.codecs import ALLOWED_CODECS
-from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, MAX_CHUNK_ELEMENTS, StoreMeta, parse_metadata
+from mpsd.archive.format import (
+    ATTRS_KEY,
+    MANIFEST_NAME,
+    MAX_CHUNK_ELEMENTS,
+    StoreMeta,
+    parse_metadata,
+)
 from mpsd.core.codec import decode_stages
 from mpsd.errors import ChunkNotFoundError, CorruptChunkError, StoreError
 

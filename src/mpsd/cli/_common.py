@@ -6,7 +6,15 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
 from mpsd.errors import OptionError
@@ -24,11 +32,14 @@ class RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar; yields ``update(n_done)``."""
+    """A rich progress bar shown from the first update on; yields ``update(n_done)``.
+
+    Starting lazily keeps option errors (raised before any work) on one clean line.
+    """
     if quiet:
         yield lambda _done: None
         return
-    with Progress(
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -36,9 +47,19 @@ def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterat
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda done: progress.update(task, completed=done)
+    )
+    task = progress.add_task(description, total=total)
+
+    def update(done: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def parse_hw(text: str | None) -> tuple[int, int] | None:

@@ -5,7 +5,8 @@
 - a folder: images in it (recursively), class subfolders as labels (:mod:`mpsd.readers.folder`);
 - ``.npz`` / ``.npy``: arrays (:mod:`mpsd.readers.arrays`);
 - CIFAR-10/100 python batches, a folder of them, or ``cifar-*-python.tar.gz`` (:mod:`mpsd.readers.cifar`);
-- MNIST-style idx files, raw or ``.gz`` (:mod:`mpsd.readers.idx`).
+- MNIST-style idx files, raw or ``.gz`` (:mod:`mpsd.readers.idx`);
+- ``sample:cifar10`` / ``sample:fashion-mnist``: the small real datasets shipped in :mod:`mpsd.data`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def open_source(
         Leave out undecodable files of a folder (recorded in ``ImageSource.skipped``) instead of
         stopping.
     """
+    if str(path).startswith("sample:"):
+        from mpsd.data import sample_path
+
+        path = sample_path(str(path).removeprefix("sample:"))
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise InputError(f"{path}: no such file or folder")
-    name = path.name.lower()
     if split not in ("train", "test"):
         raise InputError(f"{path}: --split must be 'train' or 'test', got {split!r}")
     if path.is_file() and path.suffix.lower() in (".npz", ".npy"):

@@ -1,0 +1,198 @@
+"""The numpy kernel against independent per-image references (tests/reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mpsd.core.codec import StageSpec, encode_batch
+from mpsd.core.contract import contract
+from mpsd.core.layout import choose_layout
+from mpsd.core.spectra import (
+    entanglement_entropy,
+    local_truncation_errors,
+    theorem1_bound,
+    unfolding_spectra,
+)
+from mpsd.core.ttsvd import exact_ranks, parameter_count, tt_svd
+from mpsd.errors import OptionError
+from reference import contract_reference, entropy_reference, fold_quadtree, tt_svd_reference
+
+
+# ---------------------------------------------------------------- layout
+@pytest.mark.parametrize(
+    ("size", "sites"),
+    [(32, (4, 4, 4, 4, 4)), (28, (2, 4, 7, 7, 2)), (224, (7, 8, 16, 8, 7))],
+)
+def test_automatic_sites_follow_table4(size, sites):
+    layout = choose_layout(size, size, 1)
+    assert layout.sites == sites
+    assert layout.padded_height == size and layout.padded_width == size
+
+
+def test_quadtree_folding_matches_explicit_mixed_radix_indexing(cifar):
+    layout = choose_layout(28, 28, 1)
+    image = np.random.default_rng(1).integers(0, 255, (28, 28))
+    expected = fold_quadtree(image.astype(float), layout.row_factors, layout.col_factors)
+    got = layout.to_sites(image[None, :, :, None])[0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_quadtree_site_one_is_the_coarsest_scale():
+    layout = choose_layout(32, 32, 1)
+    image = np.zeros((32, 32))
+    image[16:, :16] = 1.0  # bottom-left quadrant
+    t = layout.to_sites(image[None, :, :, None])[0]
+    # site 1 index = 2·row_half + col_half: the quadrant alone decides it
+    assert t[2].min() == 1.0 and t[[0, 1, 3]].max() == 0.0
+
+
+def test_row_order_is_a_plain_reshape():
+    layout = choose_layout(32, 32, 1, order="row")
+    image = np.arange(1024.0).reshape(32, 32)
+    np.testing.assert_array_equal(layout.to_sites(image[None, :, :, None])[0], image.reshape(layout.sites))
+
+
+@pytest.mark.parametrize("order", ["quadtree", "row"])
+@pytest.mark.parametrize("colour", ["separate", "site"])
+@pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1), (31, 30, 3), (20, 45, 4)])
+def test_folding_round_trip_with_padding(order, colour, shape):
+    h, w, c = shape
+    images = np.random.default_rng(0).random((3, h, w, c))
+    layout = choose_layout(h, w, c, order=order, colour=colour)
+    tensors = layout.to_sites(images)
+    assert tensors.shape[1:] == layout.sites
+    assert math.prod(layout.sites) == layout.padded_height * layout.padded_width * (c if colour == "site" else 1)
+    np.testing.assert_array_equal(layout.from_sites(tensors), images)
+
+
+def test_padding_to_a_size_that_factors():
+    layout = choose_layout(31, 31, 1)
+    assert layout.padded_height == 32 and min(layout.sites) >= 2
+
+
+def test_explicit_sites_are_split_into_row_and_column_factors():
+    layout = choose_layout(32, 32, 3, sites="4,4,4,4,4")
+    assert layout.row_factors == (2, 2, 2, 2, 2) and layout.col_factors == (2, 2, 2, 2, 2)
+    assert choose_layout(32, 32, 1, sites="2x2,2x2,2x2,2x2,2x2").sites == (4, 4, 4, 4, 4)
+    with pytest.raises(OptionError, match="smaller than the image"):
+        choose_layout(32, 32, 1, sites="4,4,4")
+
+
+# ---------------------------------------------------------------- TT-SVD
+def _channels(cifar, n=24, order="quadtree"):
+    layout = choose_layout(32, 32, 3, order=order)
+    return layout.to_sites(cifar["x_train"][:n]) / 255.0
+
+
+def test_full_bonds_reconstruct_exactly(cifar):
+    tensors = _channels(cifar)
+    tt = tt_svd(tensors)
+    assert tt.ranks.tolist()[0] == list(exact_ranks(tensors.shape[1:]))
+    np.testing.assert_allclose(contract(tt.cores).reshape(tensors.shape), tensors, atol=1e-12)
+
+
+@pytest.mark.parametrize("bonds", [(4, 6, 6, 4), (2, 3, 3, 2), (4, 12, 9, 4), (1, 1, 1, 1)])
+def test_truncated_bonds_match_per_image_numpy_svd(cifar, bonds):
+    tensors = _channels(cifar)
+    tt = tt_svd(tensors, max_bonds=bonds)
+    ours = contract(tt.cores).reshape(tensors.shape)
+    for b in range(tensors.shape[0]):
+        ref_cores, _ = tt_svd_reference(tensors[b], bonds=bonds)
+        ref = contract_reference(ref_cores)
+        err_ref = np.linalg.norm(ref - tensors[b])
+        err_ours = np.linalg.norm(ours[b] - tensors[b])
+        assert err_ours == pytest.approx(err_ref, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(ours[b], ref, atol=1e-8)
+    # the discarded weight reported by the sweep is the actual error (orthogonality)
+    actual = np.linalg.norm((ours - tensors).reshape(len(tensors), -1), axis=1)
+    np.testing.assert_allclose(np.sqrt((tt.sweep_error**2).sum(axis=1)), actual, rtol=1e-8, atol=1e-12)
+
+
+def test_parameter_count_matches_core_sizes(cifar):
+    tensors = _channels(cifar, 4)
+    tt = tt_svd(tensors, max_bonds=(4, 6, 6, 4))
+    assert tt.n_params().tolist() == [sum(c[0].size for c in tt.cores)] * len(tensors)
+    assert parameter_count((4, 4, 4, 4, 4), np.array([4, 6, 6, 4])) == 368  # Table 4, CIFAR 36% per stage
+
+
+@pytest.mark.parametrize("tol", [0.02, 0.05, 0.1, 0.3])
+def test_tol_meets_its_tolerance_on_every_image(cifar, tol):
+    tensors = _channels(cifar, 48)
+    b = len(tensors)
+    tt = tt_svd(tensors, tol=tol)
+    rec = contract(tt.cores).reshape(tensors.shape)
+    rel = np.linalg.norm((rec - tensors).reshape(b, -1), axis=1) / np.linalg.norm(tensors.reshape(b, -1), axis=1)
+    assert (rel <= tol * (1 + 1e-9)).all()
+    # ranks differ per image, and equal those of the per-image reference
+    for i in range(0, b, 7):
+        ref_cores, _ = tt_svd_reference(tensors[i], tol=tol)
+        assert tt.ranks[i].tolist() == [c.shape[2] for c in ref_cores[:-1]]
+
+
+def test_bonds_cap_tol(cifar):
+    tensors = _channels(cifar, 16)
+    tt = tt_svd(tensors, tol=0.001, max_bonds=(3, 5, 5, 3))
+    assert (tt.ranks <= np.array([3, 5, 5, 3])).all()
+
+
+def test_bond_count_must_fit_the_sites():
+    with pytest.raises(OptionError, match="expected 4 bonds"):
+        tt_svd(np.zeros((2, 4, 4, 4, 4, 4)), max_bonds=(4, 6, 6))
+
+
+# ---------------------------------------------------------------- spectra
+def test_entropy_equals_direct_svd_of_each_unfolding(cifar):
+    tensors = _channels(cifar, 12)
+    ours = entanglement_entropy(unfolding_spectra(tensors))
+    for i in range(len(tensors)):
+        np.testing.assert_allclose(ours[i], entropy_reference(tensors[i]), atol=1e-9)
+
+
+def test_entropy_of_a_product_state_is_zero_and_of_black_image_is_zero():
+    a = np.einsum("i,j,k->ijk", [1.0, 2.0], [3.0, 1.0, 0.5], [1.0, -1.0])[None]
+    assert np.allclose(entanglement_entropy(unfolding_spectra(a)), 0.0)
+    assert np.array_equal(entanglement_entropy(unfolding_spectra(np.zeros((1, 4, 4, 4)))), np.zeros((1, 2)))
+
+
+def test_theorem1_bound_holds(cifar):
+    tensors = _channels(cifar, 40)
+    b = len(tensors)
+    for bonds in [(4, 6, 6, 4), (2, 2, 2, 2), (4, 10, 10, 4)]:
+        tt = tt_svd(tensors, max_bonds=bonds)
+        err = np.linalg.norm((contract(tt.cores).reshape(tensors.shape) - tensors).reshape(b, -1), axis=1)
+        spectra = unfolding_spectra(tensors)
+        bound = theorem1_bound(local_truncation_errors(spectra, tt.ranks))
+        assert (err <= bound * (1 + 1e-9) + 1e-12).all()
+        # and the local error of each bond alone is a lower bound (best rank-r approximation)
+        assert (err >= local_truncation_errors(spectra, tt.ranks).max(axis=1) * (1 - 1e-9)).all()
+
+
+# ---------------------------------------------------------------- stages and ratio
+def test_residual_stage_fits_what_the_first_left(cifar):
+    tensors = _channels(cifar, 32)
+    one = encode_batch(tensors, [StageSpec(bonds=(4, 6, 6, 4))], dtype="float32")
+    two = encode_batch(tensors, [StageSpec(bonds=(4, 6, 6, 4)), StageSpec(bonds=(4, 6, 6, 4))], dtype="float32")
+    assert (two.error < one.error).all()
+    # stage 2 is the TT-SVD of S − stage 1, checked against the reference
+    resid = tensors[0] - one.reconstruction[0].reshape(tensors.shape[1:])
+    ref = contract_reference(tt_svd_reference(resid, bonds=(4, 6, 6, 4))[0])
+    expected = one.reconstruction[0] + ref.ravel()
+    np.testing.assert_allclose(two.reconstruction[0], expected, atol=2e-5)
+
+
+def test_ratio_meets_budget_and_beats_uniform_bonds(cifar):
+    tensors = _channels(cifar, 60)
+    uniform = encode_batch(tensors, [StageSpec(bonds=(4, 6, 6, 4))], dtype="float32")
+    budget = 368 / 1024
+    adaptive = encode_batch(tensors, [StageSpec(ratio=budget)], dtype="float32")
+    params = parameter_count(tensors.shape[1:], adaptive.stages[0].ranks).sum()
+    assert params <= budget * 1024 * len(tensors)
+    assert (adaptive.error**2).sum() < (uniform.error**2).sum()
+
+
+def test_ratio_too_small_is_an_error(cifar):
+    with pytest.raises(OptionError, match="too small"):
+        encode_batch(_channels(cifar, 4), [StageSpec(ratio=0.001)])
