@@ -142,18 +142,37 @@ def test_sigkill_during_overwrite_keeps_the_previous_store(tmp_path, cifar):
             break
 
 
-def test_fault_between_renames_leaves_the_old_store_recoverable(tmp_path, cifar):
+def test_fault_between_renames_is_finished_on_next_open(tmp_path, cifar):
     target = tmp_path / "s.zarr"
     mpsd.compress(cifar["x_train"][:40], target, bond="2,2,2,2")
     proc = mpsd_subprocess("compress", "sample:cifar10", str(target), "--overwrite", "--bond", "2,2,2,2", "-q",
                            env={"MPSD_FAULT": "between_renames"})
     assert proc.returncode == 137
-    # the old store was moved aside intact and the new one is committed beside it
-    assert not target.exists()
-    aside = [p for p in tmp_path.iterdir() if ".mpsd-old-" in p.name]
-    new = [p for p in tmp_path.iterdir() if ".mpsd-tmp-" in p.name]
-    assert len(aside) == 1 and len(mpsd.open(aside[0])) == 40
-    assert len(new) == 1 and len(mpsd.open(new[0])) == 400
+    assert not target.exists()  # the crash hit between the two renames
+    assert len(mpsd.open(target)) == 400  # the journal rolls the committed new store forward
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    assert mpsd_subprocess("verify", str(target)).returncode == 0
+
+
+def test_interrupted_swap_without_a_committed_new_store_rolls_back(tmp_path, cifar):
+    from mpsd.archive.writer import recover
+
+    target = tmp_path / "s.zarr"
+    mpsd.compress(cifar["x_train"][:40], target, bond="2,2,2,2")
+    aside = tmp_path / ".s.zarr.mpsd-old-0000"
+    target.rename(aside)
+    (tmp_path / ".s.zarr.mpsd-swap.json").write_text(json.dumps({"old": aside.name, "new": ".s.zarr.mpsd-tmp-1-x"}))
+    assert recover(target) == "rolled back an interrupted replacement"
+    assert len(mpsd.open(target)) == 40 and sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(tmp_path, cifar):
+    target = tmp_path / "s.zarr"
+    proc = mpsd_subprocess("compress", "sample:cifar10", str(target), "--bond", "2,2,2,2", "-q", env={"MPSD_FAULT": "before_commit"})
+    assert proc.returncode == 137
+    assert any(".mpsd-tmp-" in p.name for p in tmp_path.iterdir())  # the dead run's temp folder
+    mpsd.compress(cifar["x_train"][:10], target, bond="2,2,2,2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
 def test_python_m_mpsd_and_help_examples():

@@ -17,7 +17,7 @@ from mpsd.core.codec import EncodedBatch, StageSpec, encode_batch
 from mpsd.core.layout import SiteLayout, choose_layout
 from mpsd.core.quantize import check_storage_dtype
 from mpsd.core.ttsvd import check_bonds
-from mpsd.errors import OptionError
+from mpsd.errors import OptionError, StoreError
 from mpsd.readers import ImageSource, open_source, source_from_array
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,27 @@ def compress(
         },
     )
     n_workers = max(1, workers or default_workers())
+    try:
+        _write_store(source, path, meta, layout, specs, dtype, max_value, chunk_images, n_workers, overwrite, progress)
+    except OSError as exc:
+        # ENOSPC, EIO, EACCES while writing: the temporary store is gone, an old store is intact
+        raise StoreError(f"{path}: writing the store failed: {exc.strerror or exc}") from exc
+    return Archive(path)
+
+
+def _write_store(
+    source: ImageSource,
+    path: str | Path,
+    meta: StoreMeta,
+    layout: SiteLayout,
+    specs: Sequence[StageSpec],
+    dtype: str,
+    max_value: int,
+    chunk_images: int,
+    n_workers: int,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+) -> None:
     with StoreWriter(path, meta, overwrite=overwrite) as writer, _blas_single_thread(), ThreadPoolExecutor(n_workers) as pool:
         done = 0
         for start, block in source.iter_chunks(chunk_images):
@@ -271,7 +292,6 @@ def compress(
         if source.names is not None:
             writer.write_names(source.names)
         writer.commit()
-    return Archive(path)
 
 
 def open(path: str | Path) -> Archive:

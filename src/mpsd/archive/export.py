@@ -37,7 +37,7 @@ def safe_relative_name(name: str) -> PurePosixPath:
     if not name or _CONTROL.search(name) or "\\" in name or re.match(r"^[A-Za-z]:", name):
         raise StoreError(f"unsafe file name in store: {name!r}")
     path = PurePosixPath(name)
-    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+    if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
         raise StoreError(f"unsafe file name in store: {name!r}")
     if any(part.split(".")[0].lower() in _WINDOWS_DEVICES for part in path.parts):
         raise StoreError(f"unsafe file name in store (device name): {name!r}")

@@ -35,6 +35,18 @@ def _read_json(path: Path, what: str) -> Any:
         raise StoreError(f"{path}: {what} is not valid JSON ({exc})") from exc
 
 
+def _recover_interrupted_swap(path: Path) -> None:
+    """Finish a replacement a crash interrupted (see :func:`mpsd.archive.writer.recover`)."""
+    from mpsd.archive.writer import _Lock, recover
+
+    lock = _Lock(path.parent / f".{path.name}.lock")
+    lock.acquire()
+    try:
+        recover(path)
+    finally:
+        lock.release()
+
+
 class Archive:
     """A committed mpsd store, opened for reading.
 
@@ -60,11 +72,15 @@ class Archive:
         from zarr.storage import LocalStore
 
         self.path = Path(path)
+        if not self.path.is_dir() and (self.path.parent / f".{self.path.name}.mpsd-swap.json").exists():
+            _recover_interrupted_swap(self.path)
         if not self.path.is_dir():
             raise StoreError(f"{self.path}: no such store")
         manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.exists():
             raise StoreError(f"{self.path}: incomplete store (no {MANIFEST_NAME}: it was never committed)")
+        if not (self.path / "zarr.json").exists() and (self.path / ".zgroup").exists():
+            raise StoreError(f"{self.path}: a Zarr v2 store; mpsd reads only Zarr v3 stores")
         self.manifest = _read_json(manifest_path, "manifest")
         if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("files"), dict):
             raise StoreError(f"{manifest_path}: not an mpsd manifest")

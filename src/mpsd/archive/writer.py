@@ -130,6 +130,60 @@ def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = Non
     _fsync_path(root)
 
 
+def _journal_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.mpsd-swap.json"
+
+
+def _is_committed(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file()
+
+
+def recover(path: str | Path) -> str | None:
+    """Finish or roll back a swap that a crash interrupted, and remove dead writers' leftovers.
+
+    ``--overwrite`` records ``{"old": ..., "new": ...}`` in ``.NAME.mpsd-swap.json`` before moving
+    the old store aside and the new one into place.  If the target is missing afterwards, the
+    committed new store is moved into place (roll forward), or else the old one back (roll back).
+    Temporary folders of writers that are no longer running are deleted.  Call with the lock held.
+
+    Returns
+    -------
+    str or None
+        What was done, for logging.
+    """
+    path = Path(path)
+    done = None
+    journal = _journal_path(path)
+    if journal.exists():
+        try:
+            entry = json.loads(journal.read_text())
+            old, new = path.parent / entry["old"], path.parent / entry["new"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = new = None  # type: ignore[assignment]
+        if old is not None and not path.exists():
+            if new.is_dir() and _is_committed(new):
+                os.replace(new, path)
+                done = "finished an interrupted replacement"
+            elif old.is_dir():
+                os.replace(old, path)
+                done = "rolled back an interrupted replacement"
+        if old is not None and path.exists() and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        journal.unlink(missing_ok=True)
+        _fsync_path(path.parent)
+    for leftover in path.parent.glob(f".{path.name}.mpsd-tmp-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 2)[1])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done = done or "removed temporary folders of interrupted runs"
+    if done:
+        log.info("%s: %s", path, done)
+    return done
+
+
 class StoreWriter:
     """Create a store in a temporary sibling and commit it with :meth:`commit`.
 
@@ -168,6 +222,7 @@ class StoreWriter:
             raise OptionError(f"{self.path.parent}: output folder is not writable")
         self._lock.acquire()
         try:
+            recover(self.path)
             self._create()
         except BaseException:
             self._cleanup()
@@ -293,9 +348,16 @@ class StoreWriter:
             _fault("after_manifest")
             if self.path.exists():
                 old = self.path.parent / f".{self.path.name}.mpsd-old-{secrets.token_hex(4)}"
+                journal = _journal_path(self.path)
+                with open(journal, "w") as fh:
+                    json.dump({"old": old.name, "new": self.tmp.name}, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 os.replace(self.path, old)
                 _fault("between_renames")
                 os.replace(self.tmp, self.path)
+                _fsync_path(self.path.parent)
+                journal.unlink()
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.tmp, self.path)
