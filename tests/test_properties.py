@@ -1,0 +1,65 @@
+"""Properties over random shapes and contents (RELIABILITY.md F1–F3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as npst
+
+import mpsd
+
+settings.register_profile("default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+shapes = st.tuples(st.integers(1, 4), st.integers(2, 20), st.integers(2, 20), st.sampled_from([1, 3]))
+
+
+@st.composite
+def image_batches(draw, dtype):
+    n, h, w, c = draw(shapes)
+    return draw(npst.arrays(dtype, (n, h, w, c), elements=st.integers(0, np.iinfo(dtype).max)))
+
+
+@given(images=st.one_of(image_batches(np.uint8), image_batches(np.uint16)),
+       order=st.sampled_from(["quadtree", "row"]), colour=st.sampled_from(["separate", "site"]))
+def test_full_rank_float32_is_lossless(tmp_path_factory, images, order, colour):
+    from mpsd.core.layout import choose_layout
+    from mpsd.core.ttsvd import exact_ranks
+
+    path = tmp_path_factory.mktemp("p") / "s.zarr"
+    _, h, w, c = images.shape
+    full = exact_ranks(choose_layout(h, w, c, order=order, colour=colour).sites)
+    store = mpsd.compress(images, path, bond=full, dtype="float32", order=order, colour=colour)
+    np.testing.assert_array_equal(store.decode(slice(None)), images)
+
+
+@given(images=image_batches(np.uint8), tol=st.sampled_from([0.01, 0.05, 0.2]))
+def test_lossy_error_is_within_the_declared_tolerance(tmp_path_factory, images, tol):
+    path = tmp_path_factory.mktemp("p") / "s.zarr"
+    store = mpsd.compress(images, path, tol=tol, dtype="float32")
+    x = images.astype(np.float64)
+    got = store.decode(slice(None), kind="float").astype(np.float64)
+    err = np.linalg.norm((got - x).reshape(len(x), -1), axis=1)
+    assert (err <= tol * np.linalg.norm(x.reshape(len(x), -1), axis=1) * (1 + 1e-4) + 1e-2).all()
+
+
+def _chunk_hashes(path):
+    from mpsd.archive.format import MANIFEST_NAME
+
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(path).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_same_input_same_store_bit_for_bit_whatever_the_worker_count(tmp_path, cifar):
+    x = cifar["x_train"][:150]
+    a = mpsd.compress(x, tmp_path / "a.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], workers=1, chunk_images=64)
+    b = mpsd.compress(x, tmp_path / "b.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], workers=2, chunk_images=64)
+    assert _chunk_hashes(a.path) == _chunk_hashes(b.path)
