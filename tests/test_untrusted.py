@@ -193,3 +193,82 @@ def test_no_space_left_is_one_clean_error_and_keeps_the_old_store(tmp_path, cifa
     monkeypatch.undo()
     assert len(mpsd.open(target)) == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_leftover_partial_file_is_reported_by_verify(store_path):
+    (store_path / "stage0" / "core0" / "c" / ("0." + "a" * 32 + ".partial")).write_bytes(b"junk")
+    report = verify_store(store_path)
+    assert any("leftover partial write" in p for p in report.problems)
+
+
+def test_all_black_images_still_write_every_chunk(tmp_path):
+    """A6: zero chunks are written (write_empty_chunks), so deleting one is detectable."""
+    x = np.zeros((20, 32, 32), dtype=np.uint8)
+    store = mpsd.compress(x, tmp_path / "black.zarr", bond="4,6,6,4", chunk_images=10)
+    np.testing.assert_array_equal(store[:], x)
+    chunk = tmp_path / "black.zarr" / "stage0" / "core0" / "c" / "1" / "0" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    from mpsd.errors import ChunkNotFoundError
+
+    with pytest.raises(ChunkNotFoundError):
+        mpsd.open(tmp_path / "black.zarr")[15]
+
+
+def test_manifest_count_must_match_metadata(store_path):
+    _rewrite_json(store_path / "mpsd-manifest.json", lambda d: d.update(n_committed=39))
+    with pytest.raises(StoreError, match="manifest commits 39"):
+        mpsd.open(store_path)
+
+
+def test_npz_with_object_arrays_is_refused(tmp_path):
+    from mpsd.errors import InputError
+    from mpsd.readers import open_source
+
+    path = tmp_path / "evil.npz"
+    np.savez(path, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="pickle"):
+        open_source(path)
+
+
+def test_npz_member_over_the_cap_is_refused_before_reading(tmp_path, monkeypatch):
+    from mpsd.errors import InputError
+    from mpsd.readers import arrays, open_source
+
+    path = tmp_path / "big.npz"
+    np.savez_compressed(path, x=np.zeros((100, 32, 32), np.uint8))
+    monkeypatch.setattr(arrays, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(InputError, match="would inflate"):
+        open_source(path)
+
+
+def test_fuzzed_store_bytes_give_only_mpsd_errors(tmp_path, cifar):
+    """E6 (seed replay): random byte damage to metadata and chunks never escapes as another error."""
+    import shutil
+
+    from mpsd.errors import MpsdError
+
+    base = tmp_path / "base.zarr"
+    mpsd.compress(cifar["x_train"][:12], base, bond="2,3,3,2", chunk_images=6)
+    files = sorted(p.relative_to(base) for p in base.rglob("*") if p.is_file())
+    rng = np.random.default_rng(1234)
+    for trial in range(40):
+        work = tmp_path / f"f{trial}.zarr"
+        shutil.copytree(base, work)
+        victim = work / files[rng.integers(len(files))]
+        data = bytearray(victim.read_bytes())
+        for _ in range(int(rng.integers(1, 4))):
+            if data:
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(len(data) + 1))]
+        victim.write_bytes(bytes(data))
+        try:
+            store = mpsd.open(work)
+            store[:]
+            store.stats()
+        except MpsdError:
+            pass
+        report = verify_store(work)
+        assert report.state in ("ok", "damaged", "invalid")
+        shutil.rmtree(work)
