@@ -158,6 +158,44 @@ def get_baseline(name: str, **options: Any) -> Baseline:
 
 
 # ---------------------------------------------------------------------- validation
+class BaselineMethod:
+    """Shared ``fit`` of the built-in baselines: validate, then call ``_fit``.
+
+    Subclasses set ``name`` (and ``channels`` to restrict the channel counts they accept) and
+    implement ``_fit(images, labels, budget, *, seed, features)`` with validated arguments.
+    """
+
+    name: str = ""
+    channels: tuple[int, ...] | None = None
+
+    def fit(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        budget_bytes: int | None = None,
+        param_ratio: float | None = None,
+        seed: int = 0,
+        features: np.ndarray | None = None,
+    ) -> Reconstruction:
+        """Produce the training set (N, H, W, C) at the budget; see :class:`Baseline`."""
+        images = check_images(images, channels=self.channels)
+        labels = check_labels(labels, images.shape[0])
+        budget = check_budget(budget_bytes, param_ratio)
+        return self._fit(images, labels, budget, seed=seed, features=features)
+
+    def _fit(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None,
+        budget: Budget,
+        *,
+        seed: int,
+        features: np.ndarray | None,
+    ) -> Reconstruction:
+        raise NotImplementedError
+
+
 def check_images(images: np.ndarray, *, channels: tuple[int, ...] | None = None) -> np.ndarray:
     """Validate a training set: 4-d uint8 ``(N, H, W, C)`` with N >= 1."""
     images = np.asarray(images)

@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from mpsd.baselines.base import (
+    BaselineMethod,
+    Budget,
     Reconstruction,
     budget_error,
-    check_budget,
-    check_images,
-    check_labels,
     measure,
     search_largest,
 )
@@ -63,11 +62,12 @@ def _resolve_backend(backend: str) -> str:
     return "imagecodecs"
 
 
-class _ImageCodec:
+class _ImageCodec(BaselineMethod):
     """Shared quality search; subclasses provide ``_encoder(backend, channels)``."""
 
     name = ""
     format = ""
+    channels = (1, 3)
 
     def __init__(self, *, backend: str = "auto") -> None:
         self.backend = _resolve_backend(backend)
@@ -105,20 +105,16 @@ class _ImageCodec:
         )
         return 0 if found is None else found
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Encode ``images`` (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images, channels=(1, 3))
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         if budget.kind != "bytes":
             raise OptionError(
                 f"{self.name}: an image codec has no parameter ratio; give budget_bytes"

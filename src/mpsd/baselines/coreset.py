@@ -22,12 +22,10 @@ from collections.abc import Callable
 import numpy as np
 
 from mpsd.baselines.base import (
+    BaselineMethod,
     Budget,
     Reconstruction,
     budget_error,
-    check_budget,
-    check_images,
-    check_labels,
     measure,
     search_largest,
 )
@@ -233,7 +231,7 @@ def _fit_coreset(
     )
 
 
-class RandomCoreset:
+class RandomCoreset(BaselineMethod):
     """Uniform random subset, class-stratified when labels are given.
 
     Parameters
@@ -247,20 +245,16 @@ class RandomCoreset:
     def __init__(self, *, stratify: bool = True) -> None:
         self.stratify = bool(stratify)
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Select images (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         rng = np.random.default_rng(seed)
         groups = _groups(labels, images.shape[0], self.stratify)
         perms = [rng.permutation(len(g)) for g in groups]
@@ -271,7 +265,7 @@ class RandomCoreset:
         )
 
 
-class KCenter:
+class KCenter(BaselineMethod):
     """Greedy K-center coreset on flattened pixels (float32) or on ``features``.
 
     Parameters
@@ -292,21 +286,17 @@ class KCenter:
         self.stratify = bool(stratify)
         self.proj_dim = int(proj_dim)
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Select images (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
         n = images.shape[0]
-        labels = check_labels(labels, n)
-        budget = check_budget(budget_bytes, param_ratio)
         if features is None:
             points = images.reshape(n, -1)
         else:

@@ -19,11 +19,10 @@ import numpy as np
 from scipy.fft import dctn, idctn
 
 from mpsd.baselines.base import (
+    BaselineMethod,
+    Budget,
     Encoded,
     Reconstruction,
-    check_budget,
-    check_images,
-    check_labels,
     fit_family,
     quantize_all,
     to_uint8,
@@ -52,7 +51,7 @@ def uniform_bonds(sites: tuple[int, ...], bond: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-class ICE:
+class ICE(BaselineMethod):
     """Image Compression with Entanglement (Latorre 2005), the paper's ICE baseline.
 
     Parameters
@@ -88,20 +87,16 @@ class ICE:
         self.order = order
         self.dtype = check_storage_dtype(dtype)
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Reconstruct ``images`` (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         _, h, w, c = images.shape
         layout = choose_layout(h, w, c, sites=self.sites, order=self.order, colour="separate")  # type: ignore[arg-type]
         values = images.astype(np.float64)

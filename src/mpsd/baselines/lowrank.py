@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 
 from mpsd.baselines.base import (
+    BaselineMethod,
+    Budget,
     Encoded,
     Reconstruction,
-    check_budget,
-    check_images,
-    check_labels,
     fit_family,
     quantize_all,
     to_uint8,
@@ -43,7 +42,7 @@ def _eigvecs_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ====================================================================== SVD
-class SVD:
+class SVD(BaselineMethod):
     """Truncated SVD of every channel of every image, one uniform rank r.
 
     Each plane ``X`` (H×W) is stored as ``L = U_r·sqrt(S_r)`` (H×r) and ``R = sqrt(S_r)·V_rᵀ``
@@ -60,20 +59,16 @@ class SVD:
     def __init__(self, *, dtype: str = "int8") -> None:
         self.dtype = check_storage_dtype(dtype)
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Reconstruct ``images`` (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         n, h, w, c = images.shape
         planes = images.transpose(0, 3, 1, 2).reshape(n * c, h, w).astype(np.float64)
         u, s, vt = np.linalg.svd(planes, full_matrices=False)  # (B,h,m), (B,m), (B,m,w)
@@ -109,7 +104,7 @@ class SVD:
 
 
 # ====================================================================== Tucker
-class Tucker:
+class Tucker(BaselineMethod):
     """Tucker decomposition of every image ``(H, W, C)`` by truncated HOSVD, batched in numpy.
 
     The factor of mode m holds the leading eigenvectors of the Gram matrix of the mode-m
@@ -149,20 +144,16 @@ class Tucker:
         self.balance = bool(balance)
         self.dtype = check_storage_dtype(dtype)
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Reconstruct ``images`` (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         n, h, w, c = images.shape
         x = images.astype(np.float64)
         unfold = [
@@ -358,7 +349,7 @@ def _cp_tensorly(
     return _balance(out)
 
 
-class CP:
+class CP(BaselineMethod):
     """CP (CANDECOMP/PARAFAC) decomposition of every image ``(H, W, C)``, one rank R.
 
     Stored: the three factor matrices (H×R, W×R, C×R) per image, quantised per image; parameters
@@ -425,20 +416,16 @@ class CP:
                 parts[m].append(factors[m])
         return [np.concatenate(p, axis=0) for p in parts]
 
-    def fit(
+    def _fit(
         self,
         images: np.ndarray,
-        labels: np.ndarray | None = None,
+        labels: np.ndarray | None,
+        budget: Budget,
         *,
-        budget_bytes: int | None = None,
-        param_ratio: float | None = None,
-        seed: int = 0,
-        features: np.ndarray | None = None,
+        seed: int,
+        features: np.ndarray | None,
     ) -> Reconstruction:
         """Reconstruct ``images`` (N, H, W, C) at the budget; see :class:`~mpsd.baselines.base.Baseline`."""
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        budget = check_budget(budget_bytes, param_ratio)
         n, h, w, c = images.shape
         x = images.astype(np.float64)
         max_rank = max(1, (h * w * c) // (h + w + c))
