@@ -1,0 +1,248 @@
+"""``mpsd evaluate`` and ``mpsd supplement``: budgets, the protocol, reports, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpsd.integrations.torch")  # before torch: sets its OpenMP wait policy
+torch = pytest.importorskip("torch")
+
+import mpsd  # noqa: E402
+from mpsd.data import sample_path  # noqa: E402
+from mpsd.errors import OptionError  # noqa: E402
+from mpsd.evaluate import (  # noqa: E402
+    Budget,
+    Dataset,
+    EvalConfig,
+    compress_to_budget,
+    load_dataset,
+    markdown_table,
+    parse_fractions,
+    parse_methods,
+    run_evaluation,
+    write_report,
+)
+
+pytestmark = pytest.mark.torch
+
+FAST = {"max_epochs": 2, "patience": 0, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def fm() -> Dataset:
+    """300 Fashion-MNIST training and 100 test images (shipped sample)."""
+    return load_dataset("sample:fashion-mnist", n_train=300, n_test=100, seed=0)
+
+
+def test_parsers() -> None:
+    assert parse_fractions("0.1, 20%", what="--budget") == (0.1, 0.2)
+    assert parse_fractions(None, what="--budget") == ()
+    with pytest.raises(OptionError, match="in \\(0, 1\\]"):
+        parse_fractions("1.5", what="--budget")
+    with pytest.raises(OptionError, match="fractions"):
+        parse_fractions("a", what="--budget")
+    assert parse_methods("all")[0] == "original" and "webp" in parse_methods("all")
+    assert parse_methods("mpsd, svd,mpsd") == ("mpsd", "svd")
+    with pytest.raises(OptionError, match="unknown method"):
+        parse_methods("mpsd,zip")
+    with pytest.raises(OptionError, match="need --budget"):
+        EvalConfig(methods=("mpsd",), budgets=())
+
+
+def test_load_dataset_subsets_are_stratified(fm: Dataset) -> None:
+    assert fm.x_train.shape == (300, 28, 28, 1) and fm.x_test.shape == (100, 28, 28, 1)
+    with np.load(sample_path("fashion-mnist")) as d:
+        share = np.bincount(d["y_train"], minlength=10) * 300 / d["y_train"].size
+    counts = np.bincount(fm.y_train, minlength=10)
+    assert (np.abs(counts - share) < 1).all()  # stratified: every class in proportion
+    assert fm.num_classes == 10
+
+
+def test_compress_to_budget_meets_byte_and_ratio_budgets(fm: Dataset, tmp_path: Path) -> None:
+    x, y = fm.x_train, fm.y_train
+    budget = Budget("bytes", 0.3, int(x.nbytes))
+    archive, settings = compress_to_budget(x, tmp_path / "a.zarr", budget, labels=y)
+    assert archive.bytes_on_disk <= budget.nbytes
+    assert archive.bytes_on_disk >= 0.9 * budget.nbytes  # close to the budget, not far below
+    assert mpsd.open(tmp_path / "a.zarr").labels.tolist() == y.tolist()
+    assert 0 < settings["ratio"] < 1
+    ratio_archive, _ = compress_to_budget(x, tmp_path / "b.zarr", Budget("ratio", 0.4, int(x.nbytes)))
+    assert ratio_archive.stats().param_ratio <= 0.4 + 1e-9
+    with pytest.raises(OptionError, match="cannot fit"):
+        compress_to_budget(x, tmp_path / "c.zarr", Budget("bytes", 0.01, int(x.nbytes)), labels=y)
+
+
+def test_run_evaluation_every_arm_meets_its_budget(fm: Dataset, tmp_path: Path) -> None:
+    config = EvalConfig(
+        methods=("original", "mpsd", "svd", "random", "jpeg"),
+        budgets=(0.3,),
+        param_ratios=(0.4,),
+        recipe_overrides=FAST,
+        repeats=2,
+        device="cpu",
+        workdir=tmp_path / "work",
+        keep_stores=True,
+    )
+    events: list[str] = []
+    report = run_evaluation(fm, config, progress=lambda e, _i: events.append(e))
+    runs = report.runs
+    assert report.environment["dataset"]["n_train"] == 270 and report.environment["dataset"]["n_val"] == 30
+    for run in runs:
+        assert run["meets_budget"], run["method"]
+        budget = run["budget"]
+        if budget is None:
+            assert run["method"] == "original"
+        elif budget["kind"] == "bytes":
+            assert run["bytes_on_disk"] <= budget["budget_bytes"]
+        elif run["param_ratio"] is not None:
+            assert run["param_ratio"] <= budget["fraction"] + 1e-9
+        assert 0 <= run["test_acc"] <= 1
+    # a method that cannot meet a budget is reported, not silently dropped
+    assert {f["method"] for f in report.failures} <= {"jpeg"}
+    methods = {(r["method"], r["budget"]["label"] if r["budget"] else "—", r["protocol"]) for r in runs}
+    assert ("mpsd", "30% bytes", "equal-epochs") in methods
+    assert ("random", "30% bytes", "equal-steps") in methods
+    assert ("mpsd", "equal-steps") not in {(m, p) for m, _, p in methods}
+    # equal steps: the coreset gets as many steps per epoch as the full training part
+    full = next(r for r in runs if r["method"] == "original")
+    coreset = next(r for r in runs if r["method"] == "random" and r["protocol"] == "equal-steps")
+    subset = next(r for r in runs if r["method"] == "random" and r["protocol"] == "equal-epochs")
+    assert coreset["steps_per_epoch"] == full["steps_per_epoch"] > subset["steps_per_epoch"]
+    # repeats: two seeds per arm, aggregated as mean ± std
+    row = next(r for r in report.summary if r["method"] == "mpsd" and r["budget"] == "30% bytes")
+    assert row["repeats"] == 2 and len(row["accs"]) == 2
+    assert row["acc_mean"] == pytest.approx(np.mean(row["accs"]))
+    assert {r["seed"] for r in runs} == {0, 1}
+    assert "plan" in events and "run" in events
+    assert list((tmp_path / "work").glob("mpsd-*.zarr"))  # kept on request
+    # reports
+    json_path, md_path = write_report(report.to_dict(), tmp_path / "out")
+    loaded = json.loads(json_path.read_text())
+    assert len(loaded["runs"]) == len(runs)
+    table = md_path.read_text()
+    assert table == markdown_table(report.to_dict())
+    assert table.count("\n| ") == len(report.summary) + 1  # header + one row per arm
+    assert " ± " in table
+
+
+def test_mpsd_kd_arm_fits_the_budget_with_its_supplement(fm: Dataset, tmp_path: Path) -> None:
+    config = EvalConfig(
+        methods=("mpsd-kd",), budgets=(0.3,), param_ratios=(0.3,), recipe_overrides=FAST, device="cpu",
+        kd_options={"bond": "1", "epochs": 1},
+    )  # fmt: skip
+    report = run_evaluation(fm, config)
+    assert not report.failures
+    assert [r["method"] for r in report.runs] == ["mpsd-kd", "mpsd-kd"]
+    by_kind = {r["budget"]["kind"]: r for r in report.runs}
+    assert by_kind["bytes"]["bytes_on_disk"] <= by_kind["bytes"]["budget"]["budget_bytes"]
+    assert by_kind["ratio"]["param_ratio"] <= 0.3 + 1e-9
+    for run in report.runs:
+        assert run["settings"]["supplement_bytes"] > 0
+        kd = run["settings"]["kd"]
+        assert kd["final_loss"] < kd["initial_loss"]
+
+
+def test_store_arm_trains_from_a_store_through_store_dataset(fm: Dataset, tmp_path: Path) -> None:
+    path = tmp_path / "user.zarr"
+    mpsd.compress(fm.x_train[:50], path, ratio=0.3, labels=fm.y_train[:50])
+    report = run_evaluation(fm, EvalConfig(methods=(), budgets=(), store=path, recipe_overrides=FAST, device="cpu"))
+    (run,) = report.runs
+    assert run["method"] == "store" and run["n_images"] == 50
+
+
+@pytest.mark.parametrize("command", ["evaluate", "supplement"])
+def test_missing_torch_names_the_extra(command: str, tmp_path: Path) -> None:
+    # a fresh interpreter in which torch cannot be imported
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mpsd.cli import main\n"
+        f"main({[command, 'sample:fashion-mnist'] if command == 'evaluate' else [command, str(tmp_path), '--original', 'x.npz']!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"mpsd {command} needs torch" in proc.stderr
+    assert "pip install 'mpsd[torch]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _npz(tmp_path: Path, n_train: int = 200) -> Path:
+    with np.load(sample_path("fashion-mnist")) as d:
+        path = tmp_path / "fm.npz"
+        np.savez(path, x_train=d["x_train"][:n_train], y_train=d["y_train"][:n_train], x_test=d["x_test"][:60], y_test=d["y_test"][:60], classes=d["classes"])
+    return path
+
+
+def test_cli_evaluate_prints_and_writes_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mpsd.cli import main
+
+    data = _npz(tmp_path, 300)
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(data), "--methods", "original,mpsd,random", "--budget", "0.3",
+              "--max-epochs", "1", "--out", str(out), "--device", "cpu", "--quiet"])  # fmt: skip
+    assert exc.value.code in (0, None)
+    captured = capsys.readouterr()
+    assert "| Method | Budget |" in captured.out
+    assert "| mpsd | 30% bytes |" in captured.out
+    assert (out / "results.json").is_file() and (out / "results.md").is_file()
+    result = json.loads((out / "results.json").read_text())
+    assert all(r["meets_budget"] for r in result["runs"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "1.5"], "--budget values must be in (0, 1]"),
+        (["--methods", "zip"], "unknown method"),
+        (["--model", "alexnet"], "unknown model"),
+    ],
+)
+def test_cli_evaluate_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    from mpsd.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "sample:fashion-mnist", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_supplement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mpsd.cli import main
+
+    data = _npz(tmp_path, 120)
+    store = tmp_path / "s.zarr"
+    with np.load(data) as d:
+        mpsd.compress(d["x_train"], store, ratio=0.2, labels=d["y_train"])
+    teacher = tmp_path / "teacher.pt"
+    with pytest.raises(SystemExit) as exc:
+        main(["supplement", str(store), "--original", str(data), "--max-epochs", "2", "--epochs", "2",
+              "--save-teacher", str(teacher), "--dry-run", "--json", "--device", "cpu"])  # fmt: skip
+    assert exc.value.code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss_stored"] is None and report["loss_dense"] < report["loss_at_zero"]
+    assert report["teacher"]["kind"] == "trained" and teacher.is_file()
+    # the saved teacher is reusable
+    with pytest.raises(SystemExit) as exc:
+        main(["supplement", str(store), "--original", str(data), "--teacher", str(teacher), "--epochs", "1", "--dry-run", "-q"])
+    assert exc.value.code in (0, None)
+    assert "KD loss at S̃ = 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["supplement", str(store), "--original", str(data), "--teacher", "nomodule", "--dry-run"])
+    assert exc.value.code == 2
+    assert mpsd.open(store).stats().supplement_bytes == 0
+    # for real: the bias lands in the store and stats counts its bytes
+    with pytest.raises(SystemExit) as exc:
+        main(["supplement", str(store), "--original", str(data), "--teacher", str(teacher), "--epochs", "1",
+              "--bond", "2", "--json"])  # fmt: skip
+    assert exc.value.code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    stats = mpsd.open(store).stats()
+    assert stats.supplement_bytes == report["supplement_bytes"] > 0
+    assert report["bytes_after"] > report["bytes_before"]
