@@ -181,3 +181,69 @@ def test_python_m_mpsd_and_help_examples():
     for cmd in ("compress", "decompress", "stats", "verify"):
         out = mpsd_subprocess(cmd, "--help").stdout
         assert "mpsd " + cmd in out  # every command's help has an example
+
+
+# ---------------------------------------------------------------- hostile inputs end to end
+class _Payload:
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.canary}",))
+
+
+def _hostile_inputs(tmp_path: Path) -> dict[str, list[str]]:
+    import pickle
+    import struct
+    import zlib
+
+    cases: dict[str, list[str]] = {}
+    folder = tmp_path / "pickle"
+    folder.mkdir()
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": _Payload(tmp_path / "canary"), b"labels": [0]}, fh, protocol=2)
+    cases["pickle payload"] = ["compress", str(folder / "data_batch_1"), str(tmp_path / "o1.zarr")]
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / "train-images-idx3-ubyte").write_bytes(struct.pack(">I", 0x803) + struct.pack(">III", 2**31, 2**16, 2**16) + b"\0" * 64)
+    (idx / "train-labels-idx1-ubyte").write_bytes(struct.pack(">I", 0x801) + struct.pack(">I", 2**31) + b"\0" * 64)
+    cases["idx claiming terabytes"] = ["compress", str(idx / "train-images-idx3-ubyte"), str(tmp_path / "o2.zarr")]
+
+    bomb_dir = tmp_path / "bomb"
+    bomb_dir.mkdir()
+    width = height = 30000
+    raw = zlib.compress(b"\0" * ((width + 1) * 1000), 9)  # only the first rows; the header is what counts
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    (bomb_dir / "bomb.png").write_bytes(png)
+    cases["PNG bomb"] = ["compress", str(bomb_dir), str(tmp_path / "o3.zarr")]
+    return cases
+
+
+def test_malicious_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
+    import resource
+
+    for name, args in _hostile_inputs(tmp_path).items():
+        before = set(tmp_path.iterdir())
+        proc = subprocess.run(
+            [sys.executable, "-m", "mpsd", *args], capture_output=True, text=True, timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30)),
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert set(tmp_path.iterdir()) == before, name
+    assert not (tmp_path / "canary").exists()
+
+
+def test_traversal_names_in_a_store_exit_2_on_decompress(tmp_path, cifar):
+    from mpsd.readers import source_from_array
+
+    mpsd.compress(source_from_array(cifar["x_train"][:2], names=["a.png", "../../evil.png"]), tmp_path / "s.zarr", bond="2,2,2,2")
+    proc = mpsd_subprocess("decompress", str(tmp_path / "s.zarr"), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "unsafe file name" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path.parent / "evil.png").exists()
