@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 from mpsd.archive.format import IMAGE_DTYPES, StageMeta, StoreMeta
 from mpsd.archive.reader import Archive
 from mpsd.archive.writer import StoreWriter
+from mpsd.core import _kernels
 from mpsd.core.codec import EncodedBatch, StageSpec, encode_batch
 from mpsd.core.layout import SiteLayout, choose_layout
 from mpsd.core.quantize import check_storage_dtype
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TOL = 0.05
 #: Images per chunk along the image axis (one chunk per core array holds this many images).
 DEFAULT_CHUNK_IMAGES = 1024
+#: Images per encoding task: pieces small enough for the working set to stay in cache.
+TASK_IMAGES = 128
 
 
 def default_workers() -> int:
@@ -115,13 +118,30 @@ def _as_source(
 def _encode_images(
     images: np.ndarray, layout: SiteLayout, stages: Sequence[StageSpec], dtype: str, max_value: int
 ) -> tuple[EncodedBatch, np.ndarray]:
-    """Encode (B, H, W, C) integer images; returns the batch and each image's squared pixel error."""
-    tensors = layout.to_sites(images) / max_value
+    """Encode (B, H, W, C) integer images; returns the batch and each image's squared pixel error.
+
+    The batch comes back without its ``reconstruction`` (an empty (B·M, 0) array): only the
+    squared pixel error is needed from it, and dropping it keeps a chunk's memory small.
+    """
+    tensors = _kernels.fold_scaled(images, layout, max_value)  # layout.to_sites(images) / max_value
     batch = encode_batch(tensors, stages, dtype=dtype)
-    recon = layout.from_sites(batch.reconstruction) * max_value
-    decoded = np.clip(np.rint(recon), 0, max_value)
-    sq_error = ((decoded - images) ** 2).reshape(images.shape[0], -1).sum(axis=1)
+    sq_error = _kernels.pixel_squared_error(batch.reconstruction, images, layout, max_value)
+    batch.reconstruction = batch.reconstruction[:, :0]
     return batch, sq_error
+
+
+def _split_chunk(block: np.ndarray, specs: Sequence[StageSpec], n_workers: int) -> list[np.ndarray]:
+    """Pieces of a chunk to encode in parallel.
+
+    ``ratio`` spends its budget across the batch it is given, so its pieces stay one per worker
+    (as they always were); every other mode encodes each image on its own and is split into
+    cache-sized pieces of :data:`TASK_IMAGES` images (the store is the same whatever the split).
+    """
+    b = block.shape[0]
+    if any(s.ratio is not None for s in specs):
+        return np.array_split(block, min(n_workers, b))
+    n_pieces = max(min(n_workers, b), -(-b // TASK_IMAGES))
+    return np.array_split(block, n_pieces)
 
 
 def _concat_batches(parts: list[EncodedBatch]) -> EncodedBatch:
@@ -276,17 +296,55 @@ def _write_store(
     overwrite: bool,
     progress: Callable[[int], None] | None,
 ) -> None:
-    with StoreWriter(path, meta, overwrite=overwrite) as writer, _blas_single_thread(), ThreadPoolExecutor(n_workers) as pool:
+    # Pipeline: the workers encode chunk k+1 while one I/O thread writes chunk k (zarr's
+    # compression and file writes release the GIL).  At most two chunks are in flight, so memory
+    # does not grow with the number of images.
+    def encode(part: np.ndarray) -> tuple[EncodedBatch, np.ndarray]:
+        return _encode_images(part, layout, specs, dtype, max_value)
+
+    with (
+        StoreWriter(path, meta, overwrite=overwrite) as writer,
+        _blas_single_thread(),
+        ThreadPoolExecutor(n_workers) as pool,
+        ThreadPoolExecutor(1) as io,
+    ):
         done = 0
-        for start, block in source.iter_chunks(chunk_images):
-            pieces = np.array_split(block, min(n_workers, block.shape[0]))
-            results = list(pool.map(lambda part: _encode_images(part, layout, specs, dtype, max_value), pieces))
+        writing: tuple[Future[None], int] | None = None
+        queued: tuple[int, list[Future[tuple[EncodedBatch, np.ndarray]]]] | None = None
+
+        def finish_write() -> None:
+            nonlocal writing, done
+            if writing is not None:
+                future, n_done = writing
+                writing = None
+                future.result()
+                done += n_done
+                if progress is not None:
+                    progress(done)
+
+        def flush(item: tuple[int, list[Future[tuple[EncodedBatch, np.ndarray]]]]) -> None:
+            nonlocal writing
+            start, futures = item
+            results = [f.result() for f in futures]
             batch = _concat_batches([r[0] for r in results])
             sq_error = np.concatenate([r[1] for r in results])
-            writer.write_batch(start, batch, sq_error)
-            done += block.shape[0]
-            if progress is not None:
-                progress(done)
+            finish_write()
+            writing = (io.submit(writer.write_batch, start, batch, sq_error), sq_error.shape[0])
+
+        try:
+            for start, block in source.iter_chunks(chunk_images):
+                futures = [pool.submit(encode, piece) for piece in _split_chunk(block, specs, n_workers)]
+                if queued is not None:
+                    flush(queued)
+                queued = (start, futures)
+            if queued is not None:
+                flush(queued)
+                queued = None
+            finish_write()
+        finally:
+            if queued is not None:
+                for f in queued[1]:
+                    f.cancel()
         if source.labels is not None:
             writer.write_labels(source.labels)
         if source.names is not None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,23 @@ from mpsd.archive.format import (
     StoreMeta,
     parse_metadata,
 )
+from mpsd.core import _kernels
 from mpsd.core.codec import decode_stages
 from mpsd.errors import ChunkNotFoundError, CorruptChunkError, StoreError
 
 IndexLike = int | slice | Sequence[int] | np.ndarray
+
+
+#: Images rebuilt at a time inside a chunk while decoding (keeps the float temporaries small).
+DECODE_BLOCK_IMAGES = 256
+
+
+def _decode_workers() -> int:
+    """Threads used to decode several chunks: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -161,6 +175,42 @@ class Archive:
         except Exception as exc:
             raise CorruptChunkError(name, key, str(exc) or type(exc).__name__) from exc
 
+    def _read_rows_many(self, names: list[str], start: int, stop: int) -> list[np.ndarray]:
+        """:meth:`_read_rows` of several arrays, read concurrently in one trip to zarr's I/O loop.
+
+        Same checks and errors as reading them one by one (the first failing array, in order,
+        is reported).
+        """
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        arrays = [self._array(name) for name in names]
+        keys = []
+        for name, arr in zip(names, arrays, strict=True):
+            key = self._chunk_key(name, start // arr.chunks[0], arr.ndim)
+            if key not in self.manifest["files"] or not (self.path / key).is_file():
+                raise ChunkNotFoundError(name, key)
+            keys.append(key)
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(
+                *(arr.async_array.getitem(slice(start, stop)) for arr in arrays), return_exceptions=True
+            )
+
+        try:
+            results = sync(run())
+        except Exception as exc:  # pragma: no cover - the gather itself does not raise
+            raise CorruptChunkError(names[0], keys[0], str(exc) or type(exc).__name__) from exc
+        out = []
+        for name, key, res in zip(names, keys, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, Exception):
+                    raise res
+                raise CorruptChunkError(name, key, str(res) or type(res).__name__) from res
+            out.append(np.asarray(res))
+        return out
+
     def _read_whole(self, name: str) -> np.ndarray:
         arr = self._array(name)
         step = arr.chunks[0] if arr.ndim else 1
@@ -218,7 +268,7 @@ class Archive:
                 raise IndexError(f"image index {i} out of range for {n} images")
             return np.array([i % n]), True
         if isinstance(key, slice):
-            return np.arange(n)[key], False
+            return np.arange(*key.indices(n)), False  # O(selection), not O(N)
         idx = np.asarray(key)
         if idx.dtype == bool:
             if idx.shape != (n,):
@@ -230,20 +280,30 @@ class Archive:
             raise IndexError(f"image index out of range for {n} images")
         return idx.reshape(-1) % n, False
 
-    def _decode_rows(self, start: int, stop: int) -> np.ndarray:
-        """Float reconstruction (normalised units) of images start:stop inside one chunk: (B, H, W, C)."""
+    def _read_stages(self, start: int, stop: int) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
+        """Stored cores and scales of images start:stop inside one chunk, checked, per stage.
+
+        Core k of a stage has shape (B·M, R_{k-1}, d_k, R_k) (stored dtype), scales (B·M, n).
+        """
         meta = self.meta
         stages = []
         n_rows = stop - start
         m = meta.mps_per_image
+        n_sites = len(meta.layout.sites)
+        names = []
+        for i in range(len(meta.stages)):
+            names += [f"stage{i}/core{k}" for k in range(n_sites)]
+            if meta.storage_dtype == "int8":
+                names.append(f"stage{i}/scales")
+        values = iter(self._read_rows_many(names, start, stop))
         for i in range(len(meta.stages)):
             cores = []
-            for k in range(len(meta.layout.sites)):
-                c = self._read_rows(f"stage{i}/core{k}", start, stop)
+            for _k in range(n_sites):
+                c = next(values)
                 cores.append(c.reshape(n_rows * m, *c.shape[2:]))
             scales = None
             if meta.storage_dtype == "int8":
-                scales = self._read_rows(f"stage{i}/scales", start, stop).reshape(n_rows * m, -1)
+                scales = next(values).reshape(n_rows * m, -1)
                 if not np.isfinite(scales).all():
                     raise StoreError(f"{self.path}: stage {i} has non-finite scales for images {start}..{stop - 1}")
             else:
@@ -251,8 +311,15 @@ class Archive:
                     if not np.isfinite(c).all():
                         raise StoreError(f"{self.path}: stage {i} core {k} has NaN/Inf values for images {start}..{stop - 1}")
             stages.append((cores, scales))
-        flat = decode_stages(stages)
-        return meta.layout.from_sites(flat)
+        return stages
+
+    def _decode_rows(self, start: int, stop: int, *, flat: bool = False) -> np.ndarray:
+        """Float reconstruction (normalised units) of images start:stop inside one chunk: (B, H, W, C).
+
+        With ``flat``, the (B·M, prod sites) site tensors before unfolding.
+        """
+        result = decode_stages(self._read_stages(start, stop))
+        return result if flat else self.meta.layout.from_sites(result)
 
     def _iter_runs(self, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """Group sorted unique indices by chunk: yields (start, stop, positions-in-run)."""
@@ -286,18 +353,61 @@ class Archive:
         if idx.size:
             order = np.argsort(idx, kind="stable")
             sorted_idx = idx[order]
-            for start, stop, members in self._iter_runs(sorted_idx):
-                block = self._decode_rows(start, stop) * self.meta.max_value
-                block = block[members - start]
-                if kind == "float":
-                    values = block.astype(np.float32)
-                else:
-                    values = np.clip(np.rint(block), 0, self.meta.max_value).astype(self.dtype)
+            runs = list(self._iter_runs(sorted_idx))
+            max_value = self.meta.max_value
+
+            def place(members: np.ndarray, values: np.ndarray) -> None:
                 lo = np.searchsorted(sorted_idx, members[0], side="left")
                 hi = np.searchsorted(sorted_idx, members[-1], side="right")
                 # expand duplicates: positions in sorted order whose value is in members
                 pos = np.searchsorted(members, sorted_idx[lo:hi])
                 out[order[lo:hi]] = values[pos]
+
+            def one_run(run: tuple[int, int, np.ndarray]) -> None:
+                start, stop, members = run
+                if kind == "float":
+                    block = self._decode_rows(start, stop) * max_value
+                    place(members, block[members - start].astype(np.float32))
+                    return
+                # read the chunk once, rebuild it in cache-sized blocks of rows (bounded
+                # temporaries), and round straight into the output: clip(rint(from_sites·max))
+                stages = self._read_stages(start, stop)
+                m = self.meta.mps_per_image
+                for lo in range(start, stop, DECODE_BLOCK_IMAGES):
+                    hi = min(lo + DECODE_BLOCK_IMAGES, stop)
+                    sel = members[(members >= lo) & (members < hi)]
+                    if sel.size == 0:
+                        continue
+                    a, b = (lo - start) * m, (hi - start) * m
+                    part = [([c[a:b] for c in cores], None if sc is None else sc[a:b]) for cores, sc in stages]
+                    flat = decode_stages(part)
+                    p0 = np.searchsorted(sorted_idx, sel[0], side="left")
+                    p1 = np.searchsorted(sorted_idx, sel[-1], side="right")
+                    if sel.size == hi - lo == p1 - p0 and order[p0] + (p1 - p0) - 1 == order[p1 - 1] and (
+                        p1 - p0 == 1 or bool((np.diff(order[p0:p1]) == 1).all())
+                    ):
+                        # every row of the block, wanted once, in output order: write in place
+                        o0 = int(order[p0])
+                        _kernels.unfold_rounded(flat, self.meta.layout, max_value, self.dtype, out=out[o0 : o0 + sel.size])
+                    else:
+                        values = _kernels.unfold_rounded(flat, self.meta.layout, max_value, self.dtype)
+                        place(sel, values[sel - lo])
+
+            workers = min(len(runs), _decode_workers())
+            if workers <= 1:
+                for run in runs:
+                    one_run(run)
+            else:
+                # chunks decode in parallel (the compiled kernels and zarr's codecs release the
+                # GIL); BLAS is pinned to one thread so the threads do not oversubscribe the CPUs
+                from threadpoolctl import threadpool_limits
+
+                for name in self._expected_shapes:
+                    if name.startswith("stage"):
+                        self._array(name)  # open every array before the threads share the cache
+                with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+                    for _ in pool.map(one_run, runs):
+                        pass
         if kind != "float" and not self.meta.channel_axis:
             out = out[..., 0]
         return out[0] if single else out

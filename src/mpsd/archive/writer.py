@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,11 @@ def hash_tree(root: Path) -> dict[str, str]:
 def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = None) -> None:
     """Hash every file of ``root``, fsync them, and write the manifest last (committing the store)."""
     files = hash_tree(root)
-    for rel in files:
-        _fsync_path(root / rel)
+    # fsync every file before the manifest exists.  Many fsyncs in flight at once cost about as
+    # much as one (the filesystem commits them together): ~0.1 ms a file instead of ~4 ms.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for _ in pool.map(lambda rel: _fsync_path(root / rel), files):
+            pass
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -182,6 +186,28 @@ def recover(path: str | Path) -> str | None:
     if done:
         log.info("%s: %s", path, done)
     return done
+
+
+def _set_rows(writes: list[tuple[Any, np.ndarray]], start: int, stop: int) -> None:
+    """``array[start:stop] = value`` for every pair, all at once on zarr's event loop.
+
+    One round trip to zarr's I/O loop for the whole batch instead of one per array: the arrays'
+    chunks are compressed and written concurrently.  Every write finishes before the first error
+    (if any) is raised, so nothing is still writing when the caller cleans up.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(arr.async_array.setitem(slice(start, stop), value) for arr, value in writes),
+            return_exceptions=True,
+        )
+
+    for result in sync(run()):
+        if isinstance(result, BaseException):
+            raise result
 
 
 class StoreWriter:
@@ -296,16 +322,20 @@ class StoreWriter:
         n_img = sq_error.shape[0]
         stop = start + n_img
         a = self._arrays
+        writes: list[tuple[Any, np.ndarray]] = []
 
         def put(name: str, value: np.ndarray) -> None:
-            a[name][start:stop] = value.reshape(n_img, m, *value.shape[1:]) if value.shape[0] == n_img * m else value
+            writes.append((a[name], value.reshape(n_img, m, *value.shape[1:]) if value.shape[0] == n_img * m else value))
 
         for i, stage in enumerate(batch.stages):
             for k, core in enumerate(stage.cores):
                 target = a[f"stage{i}/core{k}"]
                 r0, r1 = core.shape[1], core.shape[3]
-                full = np.zeros((n_img * m, *target.shape[2:]), dtype=target.dtype)
-                full[:, :r0, :, :r1] = core
+                if (r0, r1) == (target.shape[2], target.shape[4]):
+                    full = np.ascontiguousarray(core, dtype=target.dtype)
+                else:
+                    full = np.zeros((n_img * m, *target.shape[2:]), dtype=target.dtype)
+                    full[:, :r0, :, :r1] = core
                 put(f"stage{i}/core{k}", full)
             if stage.scales is not None:
                 put(f"stage{i}/scales", stage.scales.astype(np.float32))
@@ -315,7 +345,8 @@ class StoreWriter:
         put("metrics/entropy", batch.entropy.astype(np.float32))
         put("metrics/norm", batch.norm.astype(np.float32))
         put("metrics/error", batch.error.astype(np.float32))
-        a["metrics/sq_error"][start:stop] = sq_error
+        writes.append((a["metrics/sq_error"], np.asarray(sq_error)))
+        _set_rows(writes, start, stop)
         _fault("after_first_batch")
 
     def write_labels(self, labels: np.ndarray) -> None:

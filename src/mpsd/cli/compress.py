@@ -60,7 +60,10 @@ def command(
         mpsd compress fashion_mnist.npz fm.zarr --bond 2,6,5,2 --residual-bond 2,2,2,2
     """
     from mpsd.api import compress
+    from mpsd.core._kernels import tune_allocator
     from mpsd.readers import open_source
+
+    tune_allocator()  # the CLI owns its process: keep freed batch memory for reuse (glibc)
 
     images = open_source(source, split=split.value, resize=parse_hw(resize), skip_bad=skip_bad)
     with progress_bar("compress", images.n_images, quiet=quiet) as update:

@@ -30,6 +30,9 @@ def command(
     """
     from mpsd.api import open as open_store
     from mpsd.archive.export import export_npz, export_pngs
+    from mpsd.core._kernels import tune_allocator
+
+    tune_allocator()  # the CLI owns its process: keep freed batch memory for reuse (glibc)
 
     archive = open_store(store)
     selection = parse_select(select, len(archive))

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mpsd.core import _kernels
+
 
 def contract(cores: Sequence[np.ndarray], *, dtype: type = np.float64) -> np.ndarray:
     """Multiply out a batch of MPS.
@@ -22,6 +24,10 @@ def contract(cores: Sequence[np.ndarray], *, dtype: type = np.float64) -> np.nda
     ndarray of shape (B, d_1·d_2···d_n)
         The contracted tensors, flattened in C order over ``(d_1, ..., d_n)``.
     """
+    if np.dtype(dtype) == np.float64:
+        fast = _kernels.contract_cores([np.asarray(c, dtype=np.float64) for c in cores])
+        if fast is not None:
+            return fast
     first = np.asarray(cores[0], dtype=dtype)
     b = first.shape[0]
     acc = first.reshape(b, -1, first.shape[-1])  # (B, d_1, R_1)

@@ -3,7 +3,11 @@ and the Theorem 1 bound, all computed from the singular values of the unfoldings
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from mpsd.core import _kernels
 
 
 def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
@@ -18,17 +22,45 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
     list of n−1 ndarray
         Item k−1 has shape (B, min(d_1···d_k, d_{k+1}···d_n)): the squared singular values of the
         k-th unfolding, largest first (eigenvalues of the Gram matrix of the smaller side, float64).
+
+    Notes
+    -----
+    Only two Gram matrices are formed from the data: that of the largest unfolding whose row side
+    is the smaller one, ``G_k = A_(k) A_(k)ᵀ``, and that of the first unfolding whose column side is
+    the smaller one, ``H_k = A_(k)ᵀ A_(k)``.  The others follow by partial traces,
+    ``G_{k-1} = Σ_{j_k} G_k[(·, j_k), (·, j_k)]`` and ``H_{k+1} = Σ_{j_{k+1}} H_k[(j_{k+1}, ·), (j_{k+1}, ·)]``,
+    which are the same sums regrouped.  The eigendecomposition of ``G_k`` is kept for
+    :func:`mpsd.core.ttsvd.tt_svd`, whose sweep meets the same matrix at bond k.
     """
     a = np.asarray(tensors, dtype=np.float64)
     b, sites = a.shape[0], a.shape[1:]
-    out = []
-    left = 1
-    for d in sites[:-1]:
-        left *= d
-        m = a.reshape(b, left, -1)
-        gram = m @ m.transpose(0, 2, 1) if m.shape[1] <= m.shape[2] else m.transpose(0, 2, 1) @ m
-        w = np.linalg.eigvalsh(gram)[:, ::-1]
-        out.append(np.maximum(w, 0.0))
+    n = len(sites)
+    left = [math.prod(sites[:k]) for k in range(1, n)]
+    right = [math.prod(sites[k:]) for k in range(1, n)]
+    out: list[np.ndarray] = [np.zeros((b, 0))] * (n - 1)
+    on_left = [k for k in range(n - 1) if left[k] <= right[k]]
+    on_right = [k for k in range(n - 1) if left[k] > right[k]]
+    if on_left:
+        k = on_left[-1]
+        m = a.reshape(b, left[k], right[k])
+        g = m @ m.transpose(0, 2, 1)
+        w, v = _kernels.eigh_desc(g, vectors=True)
+        assert v is not None
+        _kernels.remember_eigh(g, w, v)
+        out[k] = w
+        for k in reversed(on_left[:-1]):
+            d = sites[k + 1]
+            g = np.einsum("zaibi->zab", g.reshape(b, left[k], d, left[k], d))
+            out[k] = _kernels.eigh_desc(g, vectors=False)[0]
+    if on_right:
+        k = on_right[0]
+        m = a.reshape(b, left[k], right[k])
+        h = m.transpose(0, 2, 1) @ m
+        out[k] = _kernels.eigh_desc(h, vectors=False)[0]
+        for k in on_right[1:]:
+            d = sites[k]
+            h = np.einsum("zaiaj->zij", h.reshape(b, d, right[k], d, right[k]))
+            out[k] = _kernels.eigh_desc(h, vectors=False)[0]
     return out
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpsd.core import _kernels
 from mpsd.errors import OptionError
 
 
@@ -98,8 +99,24 @@ def check_bonds(bonds: Sequence[int], sites: Sequence[int]) -> tuple[int, ...]:
 
 def _eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs of a batch of symmetric matrices, largest first; eigenvalues clipped at 0."""
-    w, v = np.linalg.eigh(gram)
-    return np.maximum(w[..., ::-1], 0.0), v[..., ::-1]
+    w, v = _kernels.eigh_desc(gram, vectors=True)
+    assert v is not None
+    return w, v
+
+
+def _eigh_left(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_eigh_desc`, reusing what :func:`unfolding_spectra` computed for the same Gram."""
+    hit = _kernels.recall_eigh(gram)
+    if hit is None:
+        return _eigh_desc(gram)
+    match, w0, v0 = hit
+    if match.all():
+        return w0, v0
+    w, v = np.empty_like(w0), np.empty_like(v0)
+    w[match], v[match] = w0[match], v0[match]
+    rest = ~match
+    w[rest], v[rest] = _eigh_desc(gram[rest])
+    return w, v
 
 
 def _tol_ranks(sq_sv: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -192,13 +209,21 @@ def tt_svd(
             m_mat = np.broadcast_to(np.eye(p), (b, p, p))
             continue
         if m <= p:
-            sq_sv, vecs = _eigh_desc(m_mat @ m_mat.transpose(0, 2, 1))
+            sq_sv, vecs = _eigh_left(m_mat @ m_mat.transpose(0, 2, 1))
         else:
             sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat)
         r = want
         if tol is not None:
             r = np.minimum(r, np.maximum(_tol_ranks(sq_sv, delta_sq), 1))
         r = np.maximum(r, 1)
+        if m <= p and np.all(r == m) and np.all(rows * d == m):
+            # every tensor keeps the whole left space: the identity is an exact basis of it
+            # (no rotation, nothing discarded), and the next bond's Gram stays that of the
+            # original unfolding, which unfolding_spectra has already decomposed
+            cores.append(np.broadcast_to(np.eye(m).reshape(1, r_prev, d, m), (b, r_prev, d, m)).copy())
+            ranks[:, k] = m
+            rows = r
+            continue
         r_max = int(r.max())
         keep = (np.arange(r_max)[None, :] < r[:, None]).astype(np.float64)[:, None, :]  # (B,1,R)
         tail = np.where(np.arange(sq_sv.shape[1])[None, :] >= r[:, None], sq_sv, 0.0).sum(axis=1)
@@ -209,11 +234,12 @@ def tt_svd(
             m_mat = u.transpose(0, 2, 1) @ m_mat  # (B, R, p)
         else:
             v = vecs[:, :, :r_max] * keep  # (B, p, R)
-            q, rf = np.linalg.qr(m_mat @ v)  # (B, m, R), (B, R, R)
+            q, rf = _kernels.qr(m_mat @ v)  # (B, m, R), (B, R, R)
             q = q * keep
             cores.append(q.reshape(b, r_prev, d, r_max))
             m_mat = rf @ v.transpose(0, 2, 1)  # (B, R, p)
         ranks[:, k] = r
         rows = r
     cores.append(np.ascontiguousarray(m_mat).reshape(b, m_mat.shape[1], sites[-1], 1))
+    _kernels.forget_eigh()
     return TensorTrain(cores=cores, ranks=ranks, sweep_error=sweep_error)

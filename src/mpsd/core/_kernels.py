@@ -1,0 +1,342 @@
+"""Compiled kernels for the tiny batched linear algebra of the TT-SVD (optional numba).
+
+The TT-SVD of an image tensor is a handful of eigenproblems of 4×4 … 64×64 symmetric Gram
+matrices.  LAPACK spends most of its time on call overhead at these sizes (``numpy.linalg.eigh``
+of a 16×16 matrix costs ~15–20 µs, ~20× its arithmetic), so with numba installed these kernels
+replace it:
+
+* :func:`eigh_desc` — Householder tridiagonalisation (EISPACK ``tred2``) and implicit QL with
+  Wilkinson shifts (``tql2``), float64 throughout, run on 8 matrices in lock step so that the
+  latency-bound rotation chains of independent matrices overlap.  A matrix whose rotations have
+  converged takes identity rotations, so every matrix gets exactly the arithmetic it would get
+  alone: results do not depend on how a batch is split.
+* :func:`gram` — ``M Mᵀ`` or ``Mᵀ M`` of a batch of small matrices.
+
+Without numba (or with ``MPSD_NO_NUMBA=1`` in the environment) the same functions run on
+numpy/LAPACK.  Both paths agree to rounding (``tests/test_fastpath.py``).  numba is imported
+lazily, on the first call that needs it; kernels are cached on disk by numba when possible.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+#: Whether numba can be imported (checked without importing it).
+HAVE_NUMBA: bool = importlib.util.find_spec("numba") is not None
+
+#: Matrices handled in lock step by the QL kernel.
+LANES = 8
+#: QL iterations allowed per eigenvalue before a matrix is handed to LAPACK instead.
+MAX_QL_ITERATIONS = 30
+
+_lock = threading.Lock()
+_compiled: dict[str, Any] | None = None
+
+
+def use_numba() -> bool:
+    """True when the compiled kernels are used (numba installed and not disabled)."""
+    return HAVE_NUMBA and os.environ.get("MPSD_NO_NUMBA", "") in ("", "0")
+
+
+def _kernels() -> dict[str, Any]:
+    global _compiled
+    if _compiled is None:
+        with _lock:
+            if _compiled is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from mpsd.core import _kernels_nb as nb
+
+                    # compile (or load from numba's cache) now, inside the warning filter
+                    g = np.eye(2)[None].copy()
+                    for vec in (False, True):
+                        nb.eigh_batch(
+                            g, vec, MAX_QL_ITERATIONS, np.empty((1, 2)), np.empty((1, 2, 2)),
+                            np.zeros(1, dtype=np.bool_),
+                        )
+                    a = np.ones((1, 2, 2))
+                    nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
+                    nb.contract_packed(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
+                                       np.array([1, 1, 1]), 1, np.empty((1, 1)))
+                    ix = np.zeros(2, dtype=np.int64)
+                    for dt in (np.uint8, np.uint16):
+                        im = np.zeros((1, 2), dtype=dt)
+                        nb.gather_scale(im, ix, 255.0, np.empty((1, 2)))
+                        nb.squared_error(np.zeros((1, 2)), im, ix, 255.0, np.empty(1))
+                        nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
+                _compiled = {
+                    "eigh_batch": nb.eigh_batch,
+                    "qr": nb.qr_batch, "gather_scale": nb.gather_scale,
+                    "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
+                    "contract_packed": nb.contract_packed,
+                }
+    return _compiled
+
+
+# ---------------------------------------------------------------------- public functions
+def eigh_desc_numpy(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference path: ``numpy.linalg.eigh``; eigenvalues largest first, clipped at 0."""
+    if not vectors:
+        w = np.linalg.eigvalsh(gram)
+        return np.maximum(w[..., ::-1], 0.0), None
+    w, v = np.linalg.eigh(gram)
+    return np.maximum(w[..., ::-1], 0.0), v[..., ::-1]
+
+
+def eigh_desc(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Eigenpairs of a batch of symmetric matrices, largest first; eigenvalues clipped at 0.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (B, n, n)
+        Symmetric (only read as a whole; both triangles must agree).
+    vectors : bool
+        Also return the eigenvectors.
+
+    Returns
+    -------
+    values : ndarray of shape (B, n), float64, descending
+    vectors : ndarray of shape (B, n, n) (column j belongs to value j) or None
+    """
+    g = np.ascontiguousarray(gram, dtype=np.float64)
+    if not use_numba() or g.ndim != 3 or g.shape[0] == 0 or g.shape[1] == 0:
+        return eigh_desc_numpy(g, vectors)
+    b, n = g.shape[:2]
+    # Matrices far from unit size are scaled by a power of two first (exact: it changes no
+    # rounding) so that no square in the kernel overflows or underflows.
+    peak = np.abs(g.reshape(b, -1)).max(axis=1)
+    odd = (peak > 2.0**300) | ((peak < 2.0**-300) & (peak > 0))
+    scale = None
+    if odd.any():
+        scale = np.ones(b)
+        scale[odd] = np.exp2(-np.round(np.log2(peak[odd])))
+        g = g * scale[:, None, None]
+    vals = np.empty((b, n))
+    vecs = np.empty((b, n, n)) if vectors else np.empty((0, 0, 0))
+    bad = ~np.isfinite(peak)
+    _kernels()["eigh_batch"](g, vectors, MAX_QL_ITERATIONS, vals, vecs, bad)
+    if scale is not None:
+        vals /= scale[:, None]
+    if bad.any():  # safety net: not converged or not finite, LAPACK decides
+        w2, v2 = eigh_desc_numpy(np.ascontiguousarray(gram, dtype=np.float64)[bad], vectors)
+        vals[bad] = w2
+        if vectors:
+            vecs[bad] = v2
+    return vals, (vecs if vectors else None)
+
+
+def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reduced QR of a batch of tall matrices (B, m, k), m >= k: ``q`` (B, m, k), ``r`` (B, k, k).
+
+    Householder reflections (numba), or ``numpy.linalg.qr``.  Signs may differ between the two
+    (any ``q`` with orthonormal columns and upper-triangular ``r`` with ``q r = x`` is valid).
+    """
+    if not use_numba() or x.ndim != 3 or x.shape[0] == 0 or x.shape[1] < x.shape[2] or x.shape[2] > 8:
+        return np.linalg.qr(x)
+    nb, m, k = x.shape
+    q, r = np.empty((nb, m, k)), np.empty((nb, k, k))
+    _kernels()["qr"](np.ascontiguousarray(x, dtype=np.float64), q, r)
+    return q, r
+
+
+def contract_cores(cores: list[np.ndarray]) -> np.ndarray | None:
+    """Contract a batch of MPS in one compiled pass, or None when numba is not used.
+
+    Contracts from both ends towards the bond where that costs the fewest multiplications and
+    multiplies the two halves, keeping every intermediate of a tensor in cache.  Returns
+    (B, prod d) float64 (C order over the sites).
+    """
+    if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
+        return None
+    b = cores[0].shape[0]
+    dims = np.array([c.shape[2] for c in cores], dtype=np.int64)
+    ranks = np.array([1] + [c.shape[3] for c in cores], dtype=np.int64)
+    if ranks[-1] != 1 or cores[0].shape[1] != 1 or any(
+        c.shape[1] != r or c.shape[0] != b for c, r in zip(cores, ranks[:-1], strict=True)
+    ):
+        return None  # let the plain path report the mismatch
+    n = len(cores)
+    best, split = None, 1
+    for s in range(1, n):
+        cost = 0
+        rows = int(dims[0])
+        for j in range(1, s):
+            cost += rows * int(ranks[j]) * int(dims[j] * ranks[j + 1])
+            rows *= int(dims[j])
+        cols = int(dims[-1])
+        for j in range(n - 2, s - 1, -1):
+            cost += int(ranks[j] * dims[j]) * int(ranks[j + 1]) * cols
+            cols *= int(dims[j])
+        cost += rows * int(ranks[s]) * cols
+        if best is None or cost < best:
+            best, split = cost, s
+    # the compiled loops only pay off with rows of several numbers; tiny ones stay with numpy
+    widths = [int(dims[j] * ranks[j + 1]) for j in range(1, split)]
+    cols = int(dims[-1])
+    for j in range(n - 2, split - 1, -1):
+        widths.append(cols)
+        cols *= int(dims[j])
+    widths.append(cols)
+    if min(widths) < 4 or int(ranks.max()) > 8:
+        return None  # BLAS does better there (measured on the CIFAR and Fashion-MNIST shapes)
+    sizes = [int(np.prod(c.shape[1:])) for c in cores]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    packed = np.empty((b, int(sum(sizes))))
+    for c, o, s in zip(cores, offsets, sizes, strict=True):
+        packed[:, o : o + s] = c.reshape(b, s)
+    out = np.empty((b, int(np.prod(dims))))
+    _kernels()["contract_packed"](packed, offsets, dims, ranks, split, out)
+    return out
+
+
+# ---------------------------------------------------------------------- folding images
+@functools.lru_cache(maxsize=64)
+def site_index(layout: Any) -> np.ndarray:
+    """Flat pixel offset ``(y·W + x)·C + c`` of every entry of one image's site tensors.
+
+    Shape ``(mps_per_image · prod(sites),)`` in the order of ``layout.to_sites`` (one image's
+    tensors one after another); −1 marks padding.  Built by folding an image of offsets with
+    ``layout.to_sites`` itself, so it is exactly that permutation.
+    """
+    h, w, c = layout.height, layout.width, layout.channels
+    ramp = (np.arange(h * w * c, dtype=np.float64) + 1.0).reshape(1, h, w, c)
+    idx = layout.to_sites(ramp).reshape(-1).astype(np.int64) - 1
+    idx.setflags(write=False)
+    return idx
+
+
+def fold_scaled(images: np.ndarray, layout: Any, max_value: int) -> np.ndarray:
+    """``layout.to_sites(images) / max_value`` (float64), in one pass when numba is available."""
+    if not use_numba() or images.dtype.kind not in "ui":
+        return layout.to_sites(images) / max_value
+    n = images.shape[0]
+    idx = site_index(layout)
+    out = np.empty((n * layout.mps_per_image, *layout.sites))
+    src = np.ascontiguousarray(images).reshape(n, -1)
+    _kernels()["gather_scale"](src, idx, float(max_value), out.reshape(n, -1))
+    return out
+
+
+def pixel_squared_error(recon: np.ndarray, images: np.ndarray, layout: Any, max_value: int) -> np.ndarray:
+    """Per image ``Σ (clip(rint(from_sites(recon)·max)) − image)²`` of (N·M, P) reconstructions."""
+    n = images.shape[0]
+    if not use_numba() or images.dtype.kind not in "ui":
+        decoded = np.clip(np.rint(layout.from_sites(recon) * max_value), 0, max_value)
+        return ((decoded - images) ** 2).reshape(n, -1).sum(axis=1)
+    out = np.empty(n)
+    _kernels()["squared_error"](
+        np.ascontiguousarray(recon, dtype=np.float64).reshape(n, -1),
+        np.ascontiguousarray(images).reshape(n, -1), site_index(layout), float(max_value), out,
+    )
+    return out
+
+
+def unfold_rounded(
+    recon: np.ndarray, layout: Any, max_value: int, dtype: np.dtype, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``clip(rint(from_sites(recon)·max), 0, max).astype(dtype)``: (N, H, W, C) images.
+
+    ``out``, if given, is a C-contiguous (N, H, W, C) array of ``dtype`` to write into.
+    """
+    c = layout.channels
+    n = recon.shape[0] // layout.mps_per_image
+    shape = (n, layout.height, layout.width, c)
+    if not use_numba() or np.dtype(dtype).kind not in "ui":
+        values = np.clip(np.rint(layout.from_sites(recon) * max_value), 0, max_value).astype(dtype)
+        if out is None:
+            return values
+        out[...] = values
+        return out
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    _kernels()["scatter_round"](
+        np.ascontiguousarray(recon, dtype=np.float64).reshape(n, -1), site_index(layout),
+        float(max_value), out.reshape(n, -1),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------- sharing between calls
+_memo = threading.local()
+#: Largest eigendecomposition (Gram + vectors) kept between unfolding_spectra and tt_svd.
+MEMO_MAX_BYTES = 256 * 2**20
+
+
+def remember_eigh(gram: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
+    """Keep the last eigendecomposition computed by this thread (see :func:`recall_eigh`).
+
+    :func:`mpsd.core.spectra.unfolding_spectra` decomposes the Gram matrix of an unfolding of the
+    original tensors, and :func:`mpsd.core.ttsvd.tt_svd` needs the very same Gram matrix at that
+    bond whenever no earlier bond was truncated.  The Gram matrix itself is the key: a tensor
+    whose Gram matrix is bit-for-bit equal gets the same eigendecomposition, so reuse is exact.
+    """
+    if gram.nbytes + vectors.nbytes > MEMO_MAX_BYTES:
+        _memo.item = None  # too big to keep around between calls
+        return
+    _memo.item = (gram, values, vectors)
+
+
+def recall_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(match, values, vectors)`` for the tensors whose Gram equals the remembered one, or None."""
+    item = getattr(_memo, "item", None)
+    if item is None:
+        return None
+    g0, w0, v0 = item
+    if g0.shape != gram.shape:
+        return None
+    match = (g0 == gram).all(axis=(1, 2))
+    if not match.any():
+        return None
+    return match, w0, v0
+
+
+def forget_eigh() -> None:
+    """Drop what :func:`remember_eigh` kept (frees the memory)."""
+    _memo.item = None
+
+
+# ---------------------------------------------------------------------- allocator
+_malloc_tuned = False
+
+
+def tune_allocator() -> None:
+    """Keep freed memory for reuse instead of handing it back to the OS (glibc only, once).
+
+    Encoding and decoding allocate and free float temporaries of a few MB per batch.  glibc
+    returns such blocks to the OS (``mmap``/trim) and the next batch faults the pages in again;
+    on virtual machines a page fault costs microseconds, ~10% of the encoder's time.  Raising
+    ``M_MMAP_THRESHOLD`` to 8 MiB (above the per-task temporaries, below whole outputs) and
+    ``M_TRIM_THRESHOLD`` to 128 MiB keeps them in the heap,
+    and ``M_ARENA_MAX`` (one heap per CPU, 2..8) stops every worker, I/O and zarr thread from
+    keeping a heap of its own, so memory stays bounded by the working set and does not creep
+    with the number of batches.  ``MPSD_NO_MALLOC_TUNING=1`` leaves the allocator alone.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if os.environ.get("MPSD_NO_MALLOC_TUNING", "") not in ("", "0"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    mallopt(m_mmap_threshold, 8 * 2**20)
+    mallopt(m_trim_threshold, 128 * 2**20)
+    # one heap per CPU at most: every extra per-thread heap would keep its own free memory
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 2
+    mallopt(m_arena_max, min(max(cpus, 2), 8))

@@ -1,0 +1,469 @@
+"""numba kernels behind :mod:`mpsd.core._kernels` (imported only when numba is used).
+
+Kept in their own module, at module level, so that numba can cache the compiled code on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+from numba import uint64 as U
+
+lanes = 8  # must equal _kernels.LANES
+eps = float(np.finfo(np.float64).eps)
+fm = {"nsz", "arcp", "contract"}
+
+
+@njit(nogil=True, cache=True, fastmath=fm, inline="always")
+def tred2(w, o, d, od, e, n, vec):  # pragma: no cover - compiled
+    # Householder reduction of the symmetric n×n matrix w[o:o+n*n] (row-major) to a
+    # tridiagonal one: diagonal in d[od:od+n], sub-diagonal in e[od+1:od+n].  With ``vec``,
+    # w ends up holding the orthogonal transformation (row i = basis vector i).
+    for j in range(n):
+        d[U(od + j)] = w[U(o + j * n + n - 1)]
+    for i in range(n - 1, 0, -1):
+        oi = o + i * n
+        scale = 0.0
+        h = 0.0
+        for k in range(i):
+            scale += abs(d[U(od + k)])
+        if scale == 0.0:
+            e[U(od + i)] = d[U(od + i - 1)]
+            for j in range(i):
+                d[U(od + j)] = w[U(o + j * n + i - 1)]
+                w[U(o + j * n + i)] = 0.0
+                w[U(oi + j)] = 0.0
+        else:
+            inv = 1.0 / scale
+            for k in range(i):
+                x = d[U(od + k)] * inv
+                d[U(od + k)] = x
+                h += x * x
+            f = d[U(od + i - 1)]
+            g = math.sqrt(h)
+            if f > 0:
+                g = -g
+            e[U(od + i)] = scale * g
+            h = h - f * g
+            d[U(od + i - 1)] = f - g
+            for j in range(i):
+                e[U(od + j)] = 0.0
+            for j in range(i):
+                oj = o + j * n
+                f = d[U(od + j)]
+                w[U(oi + j)] = f
+                g = e[U(od + j)] + w[U(oj + j)] * f
+                for k in range(j + 1, i):
+                    x = w[U(oj + k)]
+                    g += x * d[U(od + k)]
+                    e[U(od + k)] += x * f
+                e[U(od + j)] = g
+            f = 0.0
+            hinv = 1.0 / h
+            for j in range(i):
+                x = e[U(od + j)] * hinv
+                e[U(od + j)] = x
+                f += x * d[U(od + j)]
+            hh = 0.5 * f * hinv
+            for j in range(i):
+                e[U(od + j)] -= hh * d[U(od + j)]
+            for j in range(i):
+                oj = o + j * n
+                f = d[U(od + j)]
+                g = e[U(od + j)]
+                for k in range(j, i):
+                    w[U(oj + k)] -= f * e[U(od + k)] + g * d[U(od + k)]
+                d[U(od + j)] = w[U(oj + i - 1)]
+                w[U(oj + i)] = 0.0
+        d[U(od + i)] = h
+    if vec:
+        for i in range(n - 1):
+            oi = o + i * n
+            oi1 = oi + n
+            w[U(oi + n - 1)] = w[U(oi + i)]
+            w[U(oi + i)] = 1.0
+            h = d[U(od + i + 1)]
+            if h != 0.0:
+                hinv = 1.0 / h
+                for k in range(i + 1):
+                    d[U(od + k)] = w[U(oi1 + k)] * hinv
+                for j in range(i + 1):
+                    oj = o + j * n
+                    g = 0.0
+                    for k in range(i + 1):
+                        g += w[U(oi1 + k)] * w[U(oj + k)]
+                    for k in range(i + 1):
+                        w[U(oj + k)] -= g * d[U(od + k)]
+            for k in range(i + 1):
+                w[U(oi1 + k)] = 0.0
+        for j in range(n):
+            d[U(od + j)] = w[U(o + j * n + n - 1)]
+            w[U(o + j * n + n - 1)] = 0.0
+        w[U(o + n * n - 1)] = 1.0
+    else:
+        for j in range(n):
+            d[U(od + j)] = w[U(o + j * n + j)]
+    e[U(od)] = 0.0
+
+@njit(nogil=True, cache=True, fastmath=fm)
+def tql2_lanes(w, d, e, n, vec, maxit, st):  # pragma: no cover - compiled
+    # Implicit QL with Wilkinson shifts on ``lanes`` tridiagonal matrices in lock step.
+    # Lane v: diagonal d[v*n:(v+1)*n], off-diagonal e[v*n+1:...], vectors w[v*n*n:...].
+    nn = n * n
+    f = st[0]
+    tst = st[1]
+    act = st[2]
+    p = st[3]
+    c = st[4]
+    c2 = st[5]
+    c3 = st[6]
+    s = st[7]
+    s2 = st[8]
+    el1 = st[9]
+    dl1 = st[10]
+    for v in range(lanes):
+        od = v * n
+        for i in range(1, n):
+            e[U(od + i - 1)] = e[U(od + i)]
+        e[U(od + n - 1)] = 0.0
+        f[U(v)] = 0.0
+        tst[U(v)] = 0.0
+    ok = True
+    m = n - 1
+    for lo in range(n - 1):
+        for v in range(lanes):
+            t = abs(d[U(v * n + lo)]) + abs(e[U(v * n + lo)])
+            if t > tst[U(v)]:
+                tst[U(v)] = t
+        for it in range(maxit + 1):
+            anyact = False
+            for v in range(lanes):
+                a = abs(e[U(v * n + lo)]) > eps * tst[U(v)]
+                act[U(v)] = 1.0 if a else 0.0
+                anyact = anyact or a
+            if not anyact:
+                break
+            if it == maxit:
+                ok = False
+                break
+            for v in range(lanes):
+                od = v * n
+                if act[U(v)] != 0.0:
+                    g = d[U(od + lo)]
+                    el = e[U(od + lo)]
+                    pp = (d[U(od + lo + 1)] - g) / (2.0 * el)
+                    r = math.sqrt(pp * pp + 1.0)
+                    if pp < 0:
+                        r = -r
+                    dl = el / (pp + r)
+                    d[U(od + lo)] = dl
+                    d[U(od + lo + 1)] = el * (pp + r)
+                    dl1[U(v)] = el * (pp + r)
+                    h = g - dl
+                    for i in range(lo + 2, n):
+                        d[U(od + i)] -= h
+                    f[U(v)] += h
+                else:
+                    dl1[U(v)] = 1.0
+                p[U(v)] = d[U(od + m)]
+                c[U(v)] = 1.0
+                c2[U(v)] = 1.0
+                c3[U(v)] = 1.0
+                el1[U(v)] = e[U(od + lo + 1)]
+                s[U(v)] = 0.0
+                s2[U(v)] = 0.0
+            for i in range(m - 1, lo - 1, -1):
+                for v in range(lanes):
+                    if act[U(v)] == 0.0:
+                        continue
+                    od = v * n
+                    c3[U(v)] = c2[U(v)]
+                    c2[U(v)] = c[U(v)]
+                    s2[U(v)] = s[U(v)]
+                    ei = e[U(od + i)]
+                    di = d[U(od + i)]
+                    pv = p[U(v)]
+                    g = c[U(v)] * ei
+                    h = c[U(v)] * pv
+                    r = math.sqrt(pv * pv + ei * ei)
+                    if not (r > 1e-150 and r < 1e150):
+                        r = math.hypot(pv, ei)
+                    if r > 0.0:
+                        inv = 1.0 / r
+                        sn = ei * inv
+                        cn = pv * inv
+                    else:
+                        sn = 0.0
+                        cn = 1.0
+                    e[U(od + i + 1)] = s[U(v)] * r
+                    d[U(od + i + 1)] = h + sn * (cn * g + sn * di)
+                    s[U(v)] = sn
+                    c[U(v)] = cn
+                    p[U(v)] = cn * di - sn * g
+                    if vec:
+                        oa = v * nn + i * n
+                        ob = oa + n
+                        for k in range(n):
+                            hk = w[U(ob + k)]
+                            wk = w[U(oa + k)]
+                            w[U(ob + k)] = sn * wk + cn * hk
+                            w[U(oa + k)] = cn * wk - sn * hk
+            for v in range(lanes):
+                if act[U(v)] != 0.0:
+                    od = v * n
+                    pp = -s[U(v)] * s2[U(v)] * c3[U(v)] * el1[U(v)] * e[U(od + lo)] / dl1[U(v)]
+                    e[U(od + lo)] = s[U(v)] * pp
+                    d[U(od + lo)] = c[U(v)] * pp
+        for v in range(lanes):
+            od = v * n
+            d[U(od + lo)] = d[U(od + lo)] + f[U(v)]
+            e[U(od + lo)] = 0.0
+    for v in range(lanes):
+        d[U(v * n + n - 1)] = d[U(v * n + n - 1)] + f[U(v)]
+    return ok
+
+@njit(nogil=True, cache=True)
+def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
+    # g: (B, n, n) C-contiguous float64.  vals (B, n) descending, vecs (B, n, n) columns.
+    b = g.shape[0]
+    n = g.shape[1]
+    nn = n * n
+    gf = g.reshape(b * nn)
+    w = np.empty(lanes * nn)
+    d = np.empty(lanes * n)
+    e = np.empty(lanes * n)
+    st = np.empty((11, lanes))
+    dv = np.empty(n)
+    for t0 in range(0, b, lanes):
+        nb = min(lanes, b - t0)
+        w[: nb * nn] = gf[t0 * nn : (t0 + nb) * nn]
+        w[nb * nn :] = 0.0
+        for v in range(lanes):
+            tred2(w, v * nn, d, v * n, e, n, vec)
+        ok = tql2_lanes(w, d, e, n, vec, maxit, st)
+        for v in range(nb):
+            if not ok:
+                bad[U(t0 + v)] = True
+            for i in range(n):
+                dv[U(i)] = d[U(v * n + i)]
+                if not np.isfinite(dv[U(i)]):
+                    bad[U(t0 + v)] = True
+            order = np.argsort(-dv, kind="mergesort")
+            for j in range(n):
+                x = dv[U(order[j])]
+                vals[U(t0 + v), U(j)] = x if x > 0.0 else 0.0
+            if vec:
+                for j in range(n):
+                    oj = v * nn + order[U(j)] * n
+                    for i in range(n):
+                        vecs[U(t0 + v), U(i), U(j)] = w[U(oj + i)]
+
+
+@njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract"})
+def qr_batch(x, q, r):  # pragma: no cover - compiled
+    # Householder QR of x[t] (m×k, m >= k): q[t] (m×k) with orthonormal columns, r[t] (k×k)
+    # upper triangular, x[t] = q[t] @ r[t].  Work in column-major copies (contiguous columns).
+    nb, m, k = x.shape
+    xf = x.reshape(nb * m * k)
+    qf = q.reshape(nb * m * k)
+    rf = r.reshape(nb * k * k)
+    a = np.empty(k * m)  # a[j*m + i] = A[i, j]
+    vs = np.empty(k * m)  # Householder vectors, v_j in vs[j*m + j : j*m + m]
+    beta = np.empty(k)
+    qq = np.empty(k * m)
+    for t in range(nb):
+        ox = U(t * m * k)
+        for i in range(m):
+            for j in range(k):
+                a[U(j * m + i)] = xf[ox + U(i * k + j)]
+        for j in range(k):
+            oj = U(j * m)
+            nrm = 0.0
+            for i in range(j, m):
+                nrm += a[oj + U(i)] * a[oj + U(i)]
+            nrm = math.sqrt(nrm)
+            x0 = a[oj + U(j)]
+            if nrm == 0.0:
+                beta[U(j)] = 0.0
+                for i in range(j, m):
+                    vs[oj + U(i)] = 0.0
+                continue
+            alpha = -nrm if x0 >= 0.0 else nrm
+            # v = x - alpha e_j, H = I - v vᵀ / (vᵀv/2) ... with vᵀv = 2 nrm (nrm + |x0|)
+            vs[oj + U(j)] = x0 - alpha
+            for i in range(j + 1, m):
+                vs[oj + U(i)] = a[oj + U(i)]
+            vtv = 2.0 * nrm * (nrm + abs(x0))
+            bt = 2.0 / vtv
+            beta[U(j)] = bt
+            a[oj + U(j)] = alpha
+            for i in range(j + 1, m):
+                a[oj + U(i)] = 0.0
+            for jj in range(j + 1, k):
+                ojj = U(jj * m)
+                s = 0.0
+                for i in range(j, m):
+                    s += vs[oj + U(i)] * a[ojj + U(i)]
+                s *= bt
+                for i in range(j, m):
+                    a[ojj + U(i)] -= s * vs[oj + U(i)]
+        orr = U(t * k * k)
+        for i in range(k):
+            for j in range(k):
+                rf[orr + U(i * k + j)] = a[U(j * m + i)] if j >= i else 0.0
+        # Q = H_0 ... H_{k-1} [I_k; 0], built from the last reflector back
+        for j in range(k):
+            for i in range(m):
+                qq[U(j * m + i)] = 1.0 if i == j else 0.0
+        for h in range(k - 1, -1, -1):
+            oh = U(h * m)
+            bt = beta[U(h)]
+            if bt == 0.0:
+                continue
+            for j in range(h, k):
+                oj = U(j * m)
+                s = 0.0
+                for i in range(h, m):
+                    s += vs[oh + U(i)] * qq[oj + U(i)]
+                s *= bt
+                for i in range(h, m):
+                    qq[oj + U(i)] -= s * vs[oh + U(i)]
+        for i in range(m):
+            for j in range(k):
+                qf[ox + U(i * k + j)] = qq[U(j * m + i)]
+
+
+@njit(nogil=True, cache=True)
+def gather_scale(images, idx, max_value, out):  # pragma: no cover - compiled
+    # out[i, j] = images[i, idx[j]] / max_value (0 where idx[j] < 0); images (N, S) integer,
+    # idx (M·P,), out (N, M·P) float64.
+    n = images.shape[0]
+    q = idx.shape[0]
+    for i in range(n):
+        for j in range(q):
+            s = idx[U(j)]
+            out[U(i), U(j)] = images[U(i), U(s)] / max_value if s >= 0 else 0.0
+
+
+@njit(nogil=True, cache=True)
+def squared_error(recon, images, idx, max_value, out):  # pragma: no cover - compiled
+    # out[i] = Σ_j (clip(rint(recon[i, j]·max), 0, max) − images[i, idx[j]])² over idx[j] >= 0.
+    n = images.shape[0]
+    q = idx.shape[0]
+    for i in range(n):
+        acc = 0.0
+        for j in range(q):
+            s = idx[U(j)]
+            if s >= 0:
+                # branch-free clip (dark backgrounds make the branches unpredictable)
+                x = min(max(_rint(recon[U(i), U(j)] * max_value), 0.0), max_value)
+                y = x - images[U(i), U(s)]
+                acc += y * y
+        out[U(i)] = acc
+
+
+@njit(nogil=True, cache=True)
+def _rint(x):  # pragma: no cover - compiled
+    # np.rint (round half to even) without a libm call: adding and removing 1.5·2^52 rounds in
+    # the FPU's default mode, exactly like rint, for |x| < 2^51 (no fastmath here on purpose).
+    if abs(x) < 2251799813685248.0:
+        return (x + 6755399441055744.0) - 6755399441055744.0
+    return np.rint(x)
+
+
+@njit(nogil=True, cache=True)
+def scatter_round(recon, idx, max_value, out):  # pragma: no cover - compiled
+    # out[i, idx[j]] = clip(rint(recon[i, j]·max), 0, max) for idx[j] >= 0; out (N, S) integer.
+    n = recon.shape[0]
+    q = idx.shape[0]
+    for i in range(n):
+        for j in range(q):
+            s = idx[U(j)]
+            if s >= 0:
+                # branch-free clip (dark backgrounds make the branches unpredictable)
+                x = min(max(_rint(recon[U(i), U(j)] * max_value), 0.0), max_value)
+                out[U(i), U(s)] = x
+
+
+@njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, inline="always")
+def _mm(a, oa, m, k, b, ob, n, c, oc, acc):  # pragma: no cover - compiled
+    # c[oc: oc+m*n] = a[oa: oa+m*k] (m×k) @ b[ob: ob+k*n] (k×n), all row-major, flat arrays;
+    # acc: scratch of length >= n (a separate buffer lets the inner loop vectorise).
+    for i in range(m):
+        for j in range(n):
+            acc[U(j)] = 0.0
+        for kk in range(k):
+            x = a[U(oa + i * k + kk)]
+            bk = U(ob + kk * n)
+            for j in range(n):
+                acc[U(j)] += x * b[bk + U(j)]
+        ci = U(oc + i * n)
+        for j in range(n):
+            c[ci + U(j)] = acc[U(j)]
+
+
+@njit(nogil=True, cache=True)
+def contract_packed(packed, offsets, dims, ranks, split, out):  # pragma: no cover - compiled
+    # packed (B, P): every tensor's cores one after another (core k at offsets[k], shape
+    # (ranks[k], dims[k], ranks[k+1])).  Contract cores 0..split-1 from the left and
+    # split..n-1 from the right, then multiply the two halves: out (B, prod dims).
+    nb = packed.shape[0]
+    n = dims.shape[0]
+    rows_l = 1
+    for j in range(split):
+        rows_l *= dims[U(j)]
+    cols_r = 1
+    for j in range(split, n):
+        cols_r *= dims[U(j)]
+    size_l = 0
+    r = 1
+    for j in range(split):
+        r *= dims[U(j)]
+        size_l = max(size_l, r * ranks[U(j + 1)])
+    size_r = 0
+    c = 1
+    for j in range(n - 1, split - 1, -1):
+        c *= dims[U(j)]
+        size_r = max(size_r, c * ranks[U(j)])
+    la = np.empty(size_l)
+    lb = np.empty(size_l)
+    ra = np.empty(size_r)
+    rb = np.empty(size_r)
+    acc = np.empty(max(size_l, size_r, out.shape[1]))
+    pf = packed.reshape(packed.size)
+    of = out.reshape(out.size)
+    p = packed.shape[1]
+    q = out.shape[1]
+    for t in range(nb):
+        base = U(t * p)
+        # left half: (d_1, R_1) then (rows·d, R)
+        rows = dims[0]
+        r1 = ranks[1]
+        o0 = base + U(offsets[0])
+        for i in range(rows * r1):
+            la[U(i)] = pf[o0 + U(i)]
+        cur, nxt = la, lb
+        for j in range(1, split):
+            rj = ranks[U(j)]
+            dn = dims[U(j)] * ranks[U(j + 1)]
+            _mm(cur, 0, rows, rj, pf, base + U(offsets[U(j)]), dn, nxt, 0, acc)
+            rows *= dims[U(j)]
+            cur, nxt = nxt, cur
+        # right half: (R_{n-1}, d_n) then (R_j, d·cols)
+        cols = dims[U(n - 1)]
+        rl = ranks[U(n - 1)]
+        o1 = base + U(offsets[U(n - 1)])
+        for i in range(rl * cols):
+            ra[U(i)] = pf[o1 + U(i)]
+        rcur, rnxt = ra, rb
+        for j in range(n - 2, split - 1, -1):
+            rj = ranks[U(j)]
+            rj1 = ranks[U(j + 1)]
+            dj = dims[U(j)]
+            _mm(pf, base + U(offsets[U(j)]), rj * dj, rj1, rcur, 0, cols, rnxt, 0, acc)
+            cols *= dj
+            rcur, rnxt = rnxt, rcur
+        _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, U(t * q), acc)
+

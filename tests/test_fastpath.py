@@ -1,0 +1,249 @@
+"""The compiled kernels (numba) against the plain numpy/LAPACK path they replace.
+
+Every comparison runs the same function twice, once with the kernels and once with them switched
+off (``MPSD_NO_NUMBA=1``), on real images where possible.  Without numba installed the
+comparisons are skipped and only the fallback is exercised (by the rest of the suite).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpsd.core import _kernels
+from mpsd.core.codec import StageSpec, encode_batch
+from mpsd.core.contract import contract
+from mpsd.core.layout import choose_layout
+from mpsd.core.spectra import unfolding_spectra
+from mpsd.core.ttsvd import tt_svd
+from reference import contract_reference, tt_svd_reference
+
+needs_numba = pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba is not installed")
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    """Run the block with the compiled kernels switched off."""
+
+    def switch(off: bool) -> None:
+        if off:
+            monkeypatch.setenv("MPSD_NO_NUMBA", "1")
+        else:
+            monkeypatch.delenv("MPSD_NO_NUMBA", raising=False)
+
+    return switch
+
+
+def both(numpy_only, fn):
+    """``(fast, reference)``: ``fn()`` with the kernels on, then off."""
+    numpy_only(False)
+    fast = fn()
+    numpy_only(True)
+    try:
+        ref = fn()
+    finally:
+        numpy_only(False)
+    return fast, ref
+
+
+def _tensors(cifar, n=48, order="quadtree"):
+    layout = choose_layout(32, 32, 3, order=order)
+    return layout.to_sites(cifar["x_train"][:n]) / 255.0
+
+
+def _gram_cases():
+    rng = np.random.default_rng(3)
+
+    def spd(b, n, p):
+        m = rng.normal(size=(b, n, p))
+        return m @ m.transpose(0, 2, 1)
+
+    q = np.linalg.qr(rng.normal(size=(6, 16, 16)))[0]
+    repeated = q @ np.diag([3.0] * 5 + [1.0] * 11) @ q.transpose(0, 2, 1)
+    return {
+        "random16": spd(37, 16, 64),
+        "rank2": spd(9, 16, 2),
+        "zero": np.zeros((5, 16, 16)),
+        "identity": np.broadcast_to(np.eye(16), (5, 16, 16)).copy(),
+        "diagonal": np.stack([np.diag(rng.random(12)) for _ in range(7)]),
+        "repeated": repeated,
+        "blocks": np.stack([np.kron(np.eye(2), np.ones((8, 8)))] * 3),
+        "n1": spd(4, 1, 3),
+        "n2": spd(11, 2, 5),
+        "n7": spd(13, 7, 9),
+        "n56": spd(10, 56, 80),
+        "tiny": spd(9, 16, 64) * 1e-200,
+        "huge": spd(9, 16, 64) * 1e200,
+    }
+
+
+# ---------------------------------------------------------------- eigensolver
+@needs_numba
+@pytest.mark.parametrize("case", list(_gram_cases()))
+def test_eigh_matches_lapack(numpy_only, case):
+    g = _gram_cases()[case]
+    n = g.shape[1]
+    (w, v), (w0, _v0) = both(numpy_only, lambda: _kernels.eigh_desc(g, vectors=True))
+    scale = max(float(np.abs(w0).max()), 1e-300)
+    np.testing.assert_allclose(w, w0, rtol=0, atol=1e-13 * scale)
+    assert np.all(np.diff(w, axis=1) <= 0)  # largest first
+    # an orthonormal eigenbasis that rebuilds the matrix
+    np.testing.assert_allclose(v.transpose(0, 2, 1) @ v, np.broadcast_to(np.eye(n), v.shape), atol=1e-12)
+    np.testing.assert_allclose(np.einsum("bij,bj,bkj->bik", v, w, v), g, atol=1e-13 * scale)
+    wv, none = _kernels.eigh_desc(g, vectors=False)
+    assert none is None
+    np.testing.assert_array_equal(wv, w)
+
+
+@needs_numba
+def test_eigh_top_subspace_matches_lapack_on_real_grams(numpy_only, cifar):
+    a = _tensors(cifar, 64).reshape(-1, 16, 64)
+    g = a @ a.transpose(0, 2, 1)
+    (_w, v), (_w0, v0) = both(numpy_only, lambda: _kernels.eigh_desc(g))
+    for r in (4, 6, 9):
+        p, p0 = v[:, :, :r] @ v[:, :, :r].transpose(0, 2, 1), v0[:, :, :r] @ v0[:, :, :r].transpose(0, 2, 1)
+        np.testing.assert_allclose(p, p0, atol=1e-9)
+    # up to sign, the same eigenvectors (the spectra of photos have no repeated values)
+    dots = np.abs(np.einsum("bij,bij->bj", v, v0))
+    np.testing.assert_allclose(dots[:, :6], 1.0, atol=1e-9)
+
+
+@needs_numba
+def test_eigh_result_does_not_depend_on_the_batch_it_is_in(cifar):
+    a = _tensors(cifar, 20).reshape(-1, 16, 64)
+    g = a @ a.transpose(0, 2, 1)
+    w, v = _kernels.eigh_desc(g)
+    for i in (0, 7, 13, len(g) - 1):
+        wi, vi = _kernels.eigh_desc(g[i : i + 1])
+        np.testing.assert_array_equal(wi[0], w[i])
+        np.testing.assert_array_equal(vi[0], v[i])
+
+
+# ---------------------------------------------------------------- small linear algebra
+@needs_numba
+@pytest.mark.parametrize("shape", [(7, 24, 6), (5, 4, 4), (3, 9, 1), (4, 64, 8)])
+def test_qr_is_a_valid_reduced_qr(shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape)
+    x[0] = 0.0  # all-zero matrix
+    if shape[2] > 1:
+        x[1, :, 1] = x[1, :, 0]  # rank-deficient
+    q, r = _kernels.qr(x)
+    k = shape[2]
+    np.testing.assert_allclose(q @ r, x, atol=1e-13)
+    np.testing.assert_allclose(q.transpose(0, 2, 1) @ q, np.broadcast_to(np.eye(k), (shape[0], k, k)), atol=1e-13)
+    assert np.all(np.tril(r, -1) == 0)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "ranks", [(4, 6, 6, 4), (4, 16, 16, 4), (1, 1, 1, 1), (2, 3, 3, 2)]
+)
+def test_contract_matches_the_numpy_chain(numpy_only, ranks):
+    rng = np.random.default_rng(4)
+    full = (1, *ranks, 1)
+    cores = [rng.normal(size=(9, full[k], 4, full[k + 1])) for k in range(5)]
+    fast, ref = both(numpy_only, lambda: contract(cores))
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12)
+    one = contract_reference([c[0] for c in cores]).ravel()
+    np.testing.assert_allclose(fast[0], one, rtol=1e-12, atol=1e-12)
+
+
+def test_contract_still_reports_a_bond_mismatch():
+    cores = [np.ones((2, 1, 4, 3)), np.ones((2, 2, 4, 1))]
+    with pytest.raises(ValueError, match="bond mismatch"):
+        contract(cores)
+
+
+# ---------------------------------------------------------------- TT-SVD and spectra
+@needs_numba
+@pytest.mark.parametrize(
+    "kwargs", [{"max_bonds": (4, 6, 6, 4)}, {"max_bonds": (2, 3, 3, 2)}, {"tol": 0.05}, {"tol": 0.02, "max_bonds": (4, 9, 9, 4)}, {}]
+)
+def test_tt_svd_fast_path_equals_reference_path(numpy_only, cifar, kwargs):
+    tensors = _tensors(cifar)
+    fast, ref = both(numpy_only, lambda: tt_svd(tensors, **kwargs))
+    np.testing.assert_array_equal(fast.ranks, ref.ranks)
+    np.testing.assert_allclose(fast.sweep_error, ref.sweep_error, rtol=1e-8, atol=1e-12)
+    rec_fast = contract(fast.cores).reshape(tensors.shape)
+    rec_ref = contract(ref.cores).reshape(tensors.shape)
+    np.testing.assert_allclose(rec_fast, rec_ref, atol=1e-9)
+    # the same cores up to the gauge: each left-orthonormal core spans the same space
+    for cf, cr in zip(fast.cores[:-1], ref.cores[:-1], strict=True):
+        b, r0, d, r1 = cf.shape
+        uf, ur = cf.reshape(b, r0 * d, r1), cr.reshape(b, r0 * d, r1)
+        # ranks of the padded batch agree, and U_f U_fᵀ = U_r U_rᵀ only holds in the same left
+        # basis, which every core shares once the earlier bonds are gauge-fixed: compare norms
+        np.testing.assert_allclose(np.linalg.norm(uf, axis=1), np.linalg.norm(ur, axis=1), atol=1e-9)
+
+
+@needs_numba
+def test_tt_svd_fast_path_matches_the_per_image_svd_reference(cifar):
+    tensors = _tensors(cifar, 16)
+    tt = tt_svd(tensors, max_bonds=(4, 6, 6, 4))
+    ours = contract(tt.cores).reshape(tensors.shape)
+    for b in range(len(tensors)):
+        ref = contract_reference(tt_svd_reference(tensors[b], bonds=(4, 6, 6, 4))[0])
+        np.testing.assert_allclose(ours[b], ref, atol=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1), (31, 30, 3)])
+def test_spectra_fast_path_equals_direct_svd(numpy_only, cifar, fashion, shape):
+    h, w, c = shape
+    src = cifar["x_train"][:24] if c == 3 else fashion["x_train"][:24].reshape(24, 28, 28, 1)
+    src = src[:, :h, :w]
+    layout = choose_layout(h, w, c)
+    tensors = layout.to_sites(src) / 255.0
+    fast, ref = both(numpy_only, lambda: unfolding_spectra(tensors))
+    dims = tensors.shape[1:]
+    for k, (sf, sr) in enumerate(zip(fast, ref, strict=True)):
+        scale = sr[:, :1]
+        np.testing.assert_allclose(sf, sr, rtol=0, atol=1e-12 * scale.max())
+        for i in (0, 11):
+            sv = np.linalg.svd(tensors[i].reshape(int(np.prod(dims[: k + 1])), -1), compute_uv=False)
+            np.testing.assert_allclose(np.sqrt(sf[i][: len(sv)]), sv, rtol=1e-6, atol=1e-9 * sv[0])
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [StageSpec(bonds=(4, 6, 6, 4))],
+        [StageSpec(bonds=(4, 6, 6, 4)), StageSpec(bonds=(2, 2, 2, 2))],
+        [StageSpec(tol=0.05)],
+        [StageSpec(ratio=0.3)],
+    ],
+)
+def test_encode_batch_fast_path_equals_reference_path(numpy_only, cifar, stages):
+    tensors = _tensors(cifar, 40)
+    fast, ref = both(numpy_only, lambda: encode_batch(tensors, stages, dtype="float32"))
+    np.testing.assert_allclose(fast.reconstruction, ref.reconstruction, atol=1e-5)
+    np.testing.assert_allclose(fast.entropy, ref.entropy, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fast.error, ref.error, rtol=1e-5, atol=1e-7)
+    for sf, sr in zip(fast.stages, ref.stages, strict=True):
+        np.testing.assert_array_equal(sf.ranks, sr.ranks)
+        np.testing.assert_allclose(sf.local_errors, sr.local_errors, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- folding images
+@needs_numba
+@pytest.mark.parametrize("order", ["quadtree", "row"])
+@pytest.mark.parametrize("colour", ["separate", "site"])
+@pytest.mark.parametrize(("shape", "dtype"), [((32, 32, 3), np.uint8), ((31, 30, 3), np.uint8), ((20, 45, 1), np.uint16)])
+def test_folding_kernels_equal_the_layout(numpy_only, order, colour, shape, dtype):
+    h, w, c = shape
+    rng = np.random.default_rng(5)
+    top = np.iinfo(dtype).max
+    images = rng.integers(0, top, (6, h, w, c), endpoint=True).astype(dtype)
+    layout = choose_layout(h, w, c, order=order, colour=colour)
+    fast, ref = both(numpy_only, lambda: _kernels.fold_scaled(images, layout, top))
+    np.testing.assert_array_equal(fast, ref)
+    np.testing.assert_array_equal(fast, layout.to_sites(images) / top)
+    recon = fast.reshape(fast.shape[0], -1) + rng.normal(scale=0.01, size=(fast.shape[0], fast[0].size))
+    recon[0, :5] = [-0.2, 1.3, 0.5 / top, 1.5 / top, 0.0]  # clipping and rounding ties
+    fast, ref = both(numpy_only, lambda: _kernels.pixel_squared_error(recon, images, layout, top))
+    np.testing.assert_array_equal(fast, ref)
+    fast, ref = both(numpy_only, lambda: _kernels.unfold_rounded(recon, layout, top, images.dtype))
+    np.testing.assert_array_equal(fast, ref)
+    assert fast.dtype == images.dtype
