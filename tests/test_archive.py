@@ -239,3 +239,16 @@ def test_tampered_metadata_is_refused(tmp_path, cifar):
     with pytest.raises(StoreError, match="do not fit"):
         mpsd.open(path)
     assert any("damaged: zarr.json" in p for p in verify_store(path).problems)
+
+
+def test_no_metrics_keeps_only_what_decoding_needs(tmp_path, cifar):
+    x = cifar["x_train"][:100]
+    full = mpsd.compress(x, tmp_path / "a.zarr", bond="4,6,6,4")
+    lean = mpsd.compress(x, tmp_path / "b.zarr", bond="4,6,6,4", metrics=False)
+    np.testing.assert_array_equal(lean[:], full[:])
+    s = lean.stats()
+    assert not s.metrics_recorded and s.psnr is None and s.entropy == [] and s.error_bound is None
+    assert s.bytes_on_disk < full.stats().bytes_on_disk
+    assert s.param_ratio == full.stats().param_ratio
+    assert not (tmp_path / "b.zarr" / "metrics").exists()
+    assert verify_store(tmp_path / "b.zarr").ok

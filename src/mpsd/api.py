@@ -200,6 +200,7 @@ def compress(
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
     workers: int | None = None,
     overwrite: bool = False,
+    metrics: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Archive:
     """Compress images into an mpsd store.
@@ -233,6 +234,10 @@ def compress(
         Encoding threads (default: the CPUs available).  BLAS is pinned to one thread.
     overwrite : bool
         Replace an existing store (only after the new one is committed).
+    metrics : bool
+        Keep the per-image numbers (entropy, local truncation errors, stored error, pixel error)
+        that ``stats`` reports.  ``False`` keeps only what decoding needs: smaller stores, and
+        ``stats`` then reports sizes and ratios but no quality numbers.
     progress : callable, optional
         Called with the number of images finished after every chunk.
 
@@ -268,6 +273,7 @@ def compress(
         classes=source.classes,
         has_labels=source.labels is not None,
         has_names=source.names is not None,
+        has_metrics=metrics,
         source={
             "path": os.path.basename(str(source.path)),
             "conversions": source.conversions,

@@ -18,8 +18,12 @@ rel_error
     Mean over images of ``‖S − Ŝ‖_F / ‖S‖_F`` for the stored reconstruction before rounding
     (after quantisation), images with ``‖S‖ = 0`` left out.
 error_bound
-    Mean over images of the Theorem 1 bound of the last stage divided by ``‖S‖_F``: an upper bound
-    on the relative error of the unquantised reconstruction.
+    Mean over images of the Theorem 1 bound of the last stage, ``sqrt(Σ ε_k²)`` over every bond
+    and every MPS of the image, divided by ``‖S‖_F``: an upper bound on the relative error of the
+    unquantised reconstruction.
+metrics_recorded
+    False for stores written with ``--no-metrics``: entropy, PSNR, errors and the bound were not
+    kept (they need the original images) and are reported as null.
 entropy
     Mean entanglement entropy (Eq. 3, natural log) of the unfoldings of the original images at
     each bond, over every MPS (stage 1 input).
@@ -65,11 +69,12 @@ class StoreStats:
     raw_bytes: int
     byte_ratio: float
     bytes_per_image: float
+    metrics_recorded: bool
     entropy: list[float]
     psnr: float | None
     psnr_mean: float | None
-    rel_error: float
-    error_bound: float
+    rel_error: float | None
+    error_bound: float | None
     supplement_bytes: int
     classes: list[str] | None
 
@@ -85,6 +90,35 @@ def _dir_bytes(path: Any) -> int:
         for dirpath, _dirs, files in os.walk(path):
             total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
     return total
+
+
+def _quality(archive: Archive) -> dict[str, Any]:
+    """Entropy, PSNR, errors and the bound from the per-image metric arrays."""
+    meta = archive.meta
+    h, w, c = archive.image_shape
+    entropy = archive.metric("metrics/entropy").astype(np.float64)
+    entropy = entropy.reshape(-1, entropy.shape[-1]).mean(axis=0)
+    norm = archive.metric("metrics/norm").astype(np.float64)
+    error = archive.metric("metrics/error").astype(np.float64)
+    img_norm = np.sqrt((norm**2).sum(axis=1))
+    img_error = np.sqrt((error**2).sum(axis=1))
+    last = len([s for s in meta.stages if s.role != "supplement"]) - 1
+    local = archive.metric(f"stage{last}/local_error").astype(np.float64)  # (N, M, n-1)
+    img_bound = np.sqrt((local**2).sum(axis=(1, 2)))  # Theorem 1 over every MPS of the image
+    nz = img_norm > 0
+    sq = archive.metric("metrics/sq_error")
+    pixels = h * w * c
+    mse = float(sq.sum() / (pixels * len(sq)))
+    peak = float(meta.max_value)
+    per_image_mse = sq / pixels
+    lossy = per_image_mse > 0
+    return {
+        "entropy": [float(v) for v in entropy],
+        "psnr": None if mse == 0 else float(10 * np.log10(peak**2 / mse)),
+        "psnr_mean": float(np.mean(10 * np.log10(peak**2 / per_image_mse[lossy]))) if lossy.any() else None,
+        "rel_error": float((img_error[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+        "error_bound": float((img_bound[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+    }
 
 
 def compute_stats(archive: Archive) -> StoreStats:
@@ -115,24 +149,9 @@ def compute_stats(archive: Archive) -> StoreStats:
                 truncation=st.spec,
             )
         )
-    entropy = archive.metric("metrics/entropy").astype(np.float64)
-    entropy = entropy.reshape(-1, entropy.shape[-1]).mean(axis=0)
-    norm = archive.metric("metrics/norm").astype(np.float64)
-    error = archive.metric("metrics/error").astype(np.float64)
-    img_norm = np.sqrt((norm**2).sum(axis=1))
-    img_error = np.sqrt((error**2).sum(axis=1))
-    last = len([s for s in meta.stages if s.role != "supplement"]) - 1
-    bound = archive.metric(f"stage{last}/bound").astype(np.float64)
-    img_bound = np.sqrt((bound**2).sum(axis=1))
-    nz = img_norm > 0
-    sq = archive.metric("metrics/sq_error")
-    pixels = h * w * c
-    mse = float(sq.sum() / (pixels * len(sq)))
-    peak = float(meta.max_value)
-    per_image_mse = sq / pixels
-    lossy = per_image_mse > 0
+    quality = _quality(archive) if meta.has_metrics else {}
     bytes_on_disk = archive.bytes_on_disk
-    raw = len(archive) * pixels * np.dtype(meta.image_dtype).itemsize
+    raw = len(archive) * h * w * c * np.dtype(meta.image_dtype).itemsize
     return StoreStats(
         path=str(archive.path),
         images=len(archive),
@@ -148,11 +167,12 @@ def compute_stats(archive: Archive) -> StoreStats:
         raw_bytes=int(raw),
         byte_ratio=bytes_on_disk / raw,
         bytes_per_image=bytes_on_disk / len(archive),
-        entropy=[float(v) for v in entropy],
-        psnr=None if mse == 0 else float(10 * np.log10(peak**2 / mse)),
-        psnr_mean=float(np.mean(10 * np.log10(peak**2 / per_image_mse[lossy]))) if lossy.any() else None,
-        rel_error=float((img_error[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
-        error_bound=float((img_bound[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+        metrics_recorded=meta.has_metrics,
+        entropy=quality.get("entropy", []),
+        psnr=quality.get("psnr"),
+        psnr_mean=quality.get("psnr_mean"),
+        rel_error=quality.get("rel_error"),
+        error_bound=quality.get("error_bound"),
         supplement_bytes=supplement_bytes,
         classes=archive.classes,
     )

@@ -60,6 +60,7 @@ class StoreMeta:
     classes: list[str] | None = None
     has_labels: bool = False
     has_names: bool = False
+    has_metrics: bool = True
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,6 +96,7 @@ class StoreMeta:
             "classes": self.classes,
             "has_labels": self.has_labels,
             "has_names": self.has_names,
+            "has_metrics": self.has_metrics,
             "source": self.source,
         }
 
@@ -186,5 +188,6 @@ def parse_metadata(attrs: Any, where: str) -> StoreMeta:
         classes=classes,
         has_labels=bool(attrs.get("has_labels")),
         has_names=bool(attrs.get("has_names")),
+        has_metrics=bool(attrs.get("has_metrics", True)),
         source=attrs.get("source") if isinstance(attrs.get("source"), dict) else {},
     )

@@ -152,8 +152,7 @@ def _write_stage(
     cores = [make(f"stage{index}/core{k}", (n, m, full[k], d, full[k + 1]), meta.storage_dtype) for k, d in enumerate(sites)]
     scales = make(f"stage{index}/scales", (n, m, len(sites)), "float32") if meta.storage_dtype == "int8" else None
     ranks = make(f"stage{index}/ranks", (n, m, len(sites) - 1), "uint16")
-    local = make(f"stage{index}/local_error", (n, m, len(sites) - 1), "float32")
-    bound = make(f"stage{index}/bound", (n, m), "float32")
+    local = make(f"stage{index}/local_error", (n, m, len(sites) - 1), "float32") if meta.has_metrics else None
     spec = [StageSpec(bonds=bonds)]
     for start in range(0, n, ch):
         stop = min(start + ch, n)
@@ -167,7 +166,7 @@ def _write_stage(
         if scales is not None:
             scales[start:stop] = stage.scales.reshape(b, m, -1)  # type: ignore[union-attr]
         ranks[start:stop] = stage.ranks.astype(np.uint16).reshape(b, m, -1)
-        local[start:stop] = stage.local_errors.astype(np.float32).reshape(b, m, -1)
-        bound[start:stop] = stage.bound.astype(np.float32).reshape(b, m)
+        if local is not None:
+            local[start:stop] = stage.local_errors.astype(np.float32).reshape(b, m, -1)
         if progress is not None:
             progress(stop)

@@ -296,12 +296,13 @@ class StoreWriter:
             if meta.storage_dtype == "int8":
                 make(f"stage{i}/scales", (n, m, n_sites), "float32")
             make(f"stage{i}/ranks", (n, m, n_sites - 1), "uint16")
-            make(f"stage{i}/local_error", (n, m, n_sites - 1), "float32")
-            make(f"stage{i}/bound", (n, m), "float32")
-        make("metrics/entropy", (n, m, n_sites - 1), "float32")
-        make("metrics/norm", (n, m), "float32")
-        make("metrics/error", (n, m), "float32")
-        make("metrics/sq_error", (n,), "float64")
+            if meta.has_metrics:
+                make(f"stage{i}/local_error", (n, m, n_sites - 1), "float32")
+        if meta.has_metrics:
+            make("metrics/entropy", (n, m, n_sites - 1), "float32")
+            make("metrics/norm", (n, m), "float32")
+            make("metrics/error", (n, m), "float32")
+            make("metrics/sq_error", (n,), "float64")
         if meta.has_labels:
             make("labels", (n,), "int64")
 
@@ -340,12 +341,13 @@ class StoreWriter:
             if stage.scales is not None:
                 put(f"stage{i}/scales", stage.scales.astype(np.float32))
             put(f"stage{i}/ranks", stage.ranks.astype(np.uint16))
-            put(f"stage{i}/local_error", stage.local_errors.astype(np.float32))
-            put(f"stage{i}/bound", stage.bound.astype(np.float32))
-        put("metrics/entropy", batch.entropy.astype(np.float32))
-        put("metrics/norm", batch.norm.astype(np.float32))
-        put("metrics/error", batch.error.astype(np.float32))
-        writes.append((a["metrics/sq_error"], np.asarray(sq_error)))
+            if self.meta.has_metrics:
+                put(f"stage{i}/local_error", stage.local_errors.astype(np.float32))
+        if self.meta.has_metrics:
+            put("metrics/entropy", batch.entropy.astype(np.float32))
+            put("metrics/norm", batch.norm.astype(np.float32))
+            put("metrics/error", batch.error.astype(np.float32))
+            writes.append((a["metrics/sq_error"], np.asarray(sq_error)))
         _set_rows(writes, start, stop)
         _fault("after_first_batch")
 

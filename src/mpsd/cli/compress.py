@@ -49,6 +49,7 @@ def command(
     chunk_images: Annotated[int, typer.Option(help="Images per chunk.")] = 1024,
     workers: Annotated[int | None, typer.Option(help="Encoding threads (default: all CPUs).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store once the new one is committed.")] = False,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Keep per-image entropy, errors and PSNR for stats (--no-metrics: only what decoding needs).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Compress a dataset of images into an MPS store.
@@ -81,11 +82,12 @@ def command(
             chunk_images=chunk_images,
             workers=workers,
             overwrite=overwrite,
+            metrics=metrics,
             progress=update,
         )
     if not quiet:
         s = archive.stats()
-        psnr = "lossless" if s.psnr is None else f"{s.psnr:.2f} dB"
+        psnr = "not recorded" if not s.metrics_recorded else "lossless" if s.psnr is None else f"{s.psnr:.2f} dB"
         console.print(
             f"{store}: {s.images} images, {s.bytes_on_disk:,} bytes on disk "
             f"({s.byte_ratio:.1%} of raw), parameter ratio {s.param_ratio:.3f}, PSNR {psnr}"

@@ -46,8 +46,11 @@ def command(
     table.add_row("byte ratio", f"{s.byte_ratio:.4f} ({1 / s.byte_ratio:.2f}x smaller)" if s.byte_ratio else "-")
     if s.supplement_bytes:
         table.add_row("supplement bytes", f"{s.supplement_bytes:,}")
-    table.add_row("entropy per bond", ", ".join(f"{e:.4f}" for e in s.entropy))
-    table.add_row("PSNR", "lossless" if s.psnr is None else f"{s.psnr:.2f} dB (mean per image {s.psnr_mean:.2f} dB)")
-    table.add_row("relative error", f"{s.rel_error:.5f}")
-    table.add_row("Theorem 1 bound", f"{s.error_bound:.5f}")
+    if not s.metrics_recorded:
+        table.add_row("quality", "not recorded (compressed with --no-metrics)")
+    else:
+        table.add_row("entropy per bond", ", ".join(f"{e:.4f}" for e in s.entropy))
+        table.add_row("PSNR", "lossless" if s.psnr is None else f"{s.psnr:.2f} dB (mean per image {s.psnr_mean:.2f} dB)")
+        table.add_row("relative error", f"{s.rel_error:.5f}")
+        table.add_row("Theorem 1 bound", f"{s.error_bound:.5f}")
     Console().print(table)
