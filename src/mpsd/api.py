@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpsd._threads import available_cpus, blas_single_thread
 from mpsd.archive.format import IMAGE_DTYPES, StageMeta, StoreMeta
 from mpsd.archive.reader import Archive
 from mpsd.archive.writer import StoreWriter
@@ -29,21 +30,6 @@ DEFAULT_TOL = 0.05
 DEFAULT_CHUNK_IMAGES = 1024
 #: Images per encoding task: pieces small enough for the working set to stay in cache.
 TASK_IMAGES = 128
-
-
-def default_workers() -> int:
-    """Threads used to encode/decode: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _blas_single_thread():  # type: ignore[no-untyped-def]
-    """Pin BLAS/LAPACK to one thread (we parallelise over batches instead)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1)
 
 
 def parse_bonds(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -280,7 +266,7 @@ def compress(
             "skipped": [list(s) for s in source.skipped],
         },
     )
-    n_workers = max(1, workers or default_workers())
+    n_workers = max(1, workers or available_cpus())
     try:
         _write_store(source, path, meta, layout, specs, dtype, max_value, chunk_images, n_workers, overwrite, progress)
     except OSError as exc:
@@ -310,7 +296,7 @@ def _write_store(
 
     with (
         StoreWriter(path, meta, overwrite=overwrite) as writer,
-        _blas_single_thread(),
+        blas_single_thread(),
         ThreadPoolExecutor(n_workers) as pool,
         ThreadPoolExecutor(1) as io,
     ):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mpsd._threads import available_cpus, blas_single_thread
 from mpsd.archive.codecs import ALLOWED_CODECS
 from mpsd.archive.format import (
     ATTRS_KEY,
@@ -29,14 +30,6 @@ IndexLike = int | slice | Sequence[int] | np.ndarray
 
 #: Images rebuilt at a time inside a chunk while decoding (keeps the float temporaries small).
 DECODE_BLOCK_IMAGES = 256
-
-
-def _decode_workers() -> int:
-    """Threads used to decode several chunks: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -393,19 +386,17 @@ class Archive:
                         values = _kernels.unfold_rounded(flat, self.meta.layout, max_value, self.dtype)
                         place(sel, values[sel - lo])
 
-            workers = min(len(runs), _decode_workers())
+            workers = min(len(runs), available_cpus())
             if workers <= 1:
                 for run in runs:
                     one_run(run)
             else:
                 # chunks decode in parallel (the compiled kernels and zarr's codecs release the
                 # GIL); BLAS is pinned to one thread so the threads do not oversubscribe the CPUs
-                from threadpoolctl import threadpool_limits
-
                 for name in self._expected_shapes:
                     if name.startswith("stage"):
                         self._array(name)  # open every array before the threads share the cache
-                with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+                with blas_single_thread(), ThreadPoolExecutor(workers) as pool:
                     for _ in pool.map(one_run, runs):
                         pass
         if kind != "float" and not self.meta.channel_axis:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +21,20 @@ from rich.text import Text
 from mpsd.errors import OptionError
 
 console = Console(stderr=True, highlight=False)
+
+
+class Split(StrEnum):
+    """Split of datasets that have train and test."""
+
+    train = "train"
+    test = "test"
+
+
+class RecipeName(StrEnum):
+    """Training recipe of the torch commands."""
+
+    cpu = "cpu"
+    paper = "paper"
 
 
 class RateColumn(ProgressColumn):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mpsd.cli._common import console, parse_hw, progress_bar
+from mpsd.cli._common import Split, console, parse_hw, progress_bar
 
 
 class Order(StrEnum):
@@ -25,11 +25,6 @@ class CoreDtype(StrEnum):
     int8 = "int8"
     float16 = "float16"
     float32 = "float32"
-
-
-class Split(StrEnum):
-    train = "train"
-    test = "test"
 
 
 def command(

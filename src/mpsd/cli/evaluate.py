@@ -8,10 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-
-class RecipeName(StrEnum):
-    cpu = "cpu"
-    paper = "paper"
+from mpsd.cli._common import RecipeName
 
 
 class Schedule(StrEnum):

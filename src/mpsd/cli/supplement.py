@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-
-class Split(StrEnum):
-    train = "train"
-    test = "test"
-
-
-class RecipeName(StrEnum):
-    cpu = "cpu"
-    paper = "paper"
+from mpsd.cli._common import RecipeName, Split
 
 
 def command(

@@ -105,6 +105,18 @@ def _labels_tensor(labels: np.ndarray | None, n: int, where: str) -> torch.Tenso
     return torch.from_numpy(arr.astype(np.int64))
 
 
+
+def _pairs(x: torch.Tensor, y: torch.Tensor, transform: Any, target_transform: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, label) pairs of a batch with the transform hooks applied to each."""
+    out = []
+    for xi, yi in zip(x, y, strict=True):
+        if transform is not None:
+            xi = transform(xi)
+        if target_transform is not None:
+            yi = target_transform(yi)
+        out.append((xi, yi))
+    return out
+
 class ArrayDataset(Dataset):
     """Images held in memory.
 
@@ -151,14 +163,7 @@ class ArrayDataset(Dataset):
         return self.y.numpy()
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for xi, yi in zip(x, y, strict=True):
-            if self.transform is not None:
-                xi = self.transform(xi)
-            if self.target_transform is not None:
-                yi = self.target_transform(yi)
-            out.append((xi, yi))
-        return out
+        return _pairs(x, y, self.transform, self.target_transform)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._finish(self.x[index : index + 1] if index >= 0 else self.x[[index]], self.y[[index]])[0]
@@ -333,14 +338,7 @@ class StoreDataset(Dataset):
         images = self._decode(self.indices[pos])
         x = images_to_tensor(images, max_value=self.max_value)
         y = self.y[torch.from_numpy(pos)]
-        out = []
-        for xi, yi in zip(x, y, strict=True):
-            if self.transform is not None:
-                xi = self.transform(xi)
-            if self.target_transform is not None:
-                yi = self.target_transform(yi)
-            out.append((xi, yi))
-        return out
+        return _pairs(x, y, self.transform, self.target_transform)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([int(index)])[0]
