@@ -82,26 +82,40 @@ def _write_atomic(target: Path, write: Callable[[Path], None]) -> None:
 
 def export_npz(archive: Archive, out: Path, selection: slice | list[int], *, overwrite: bool = False,
                progress: Callable[[int], None] | None = None) -> int:
-    """Decode the selection into one ``.npz`` with ``x`` (images), ``y`` (labels) and ``classes``."""
+    """Decode the selection into one ``.npz`` with ``x`` (images), ``y`` (labels) and ``classes``.
+
+    ``x`` is streamed into the archive one chunk of images at a time (an ``.npy`` member written
+    incrementally), so memory does not grow with the number of images.
+    """
+    import zipfile
+
     if out.exists() and not overwrite:
         raise OptionError(f"{out}: already exists (use --overwrite)")
     indices = np.arange(len(archive))[selection] if isinstance(selection, slice) else np.asarray(selection)
-    parts, done = [], 0
+    h, w, c = archive.image_shape
+    shape = (len(indices), h, w, c) if archive.meta.channel_axis else (len(indices), h, w)
     step = archive.meta.chunk_images
-    for s in range(0, len(indices), step):
-        parts.append(archive.decode(indices[s : s + step]))
-        done += len(parts[-1])
-        if progress:
-            progress(done)
-    x = np.concatenate(parts) if parts else np.zeros((0,), archive.dtype)
-    arrays = {"x": x}
-    if archive.labels is not None:
-        arrays["y"] = archive.labels[indices]
-    if archive.classes is not None:
-        arrays["classes"] = np.asarray(archive.classes)
+
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("x.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(archive.dtype), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(member, header)
+                done = 0
+                for s in range(0, len(indices), step):
+                    block = np.ascontiguousarray(archive.decode(indices[s : s + step]))
+                    member.write(block.tobytes())
+                    done += len(block)
+                    if progress:
+                        progress(done)
+            extra = {}
+            if archive.labels is not None:
+                extra["y"] = archive.labels[indices]
+            if archive.classes is not None:
+                extra["classes"] = np.asarray(archive.classes)
+            for name, value in extra.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, value, allow_pickle=False)
 
     _write_atomic(out, write)
     return len(indices)
