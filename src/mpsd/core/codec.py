@@ -166,6 +166,22 @@ def ranks_for_budget(
     return ranks_at(values[lo])
 
 
+def _balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
+    """Rescale cores so that every core but the last has ``max|x| = 1`` per tensor.
+
+    The MPS is unchanged (``s·A_k`` and ``A_{k+1}/s`` multiply to the same tensor); the int8
+    scales of all cores but the last then equal ``1/127`` and compress to almost nothing.
+    """
+    out = [c.copy() for c in cores]
+    for k in range(len(out) - 1):
+        b = out[k].shape[0]
+        peak = np.abs(out[k].reshape(b, -1)).max(axis=1)
+        s = np.where(peak > 0, peak, 1.0)
+        out[k] /= s[:, None, None, None]
+        out[k + 1] *= s[:, None, None, None]
+    return out
+
+
 def encode_batch(
     tensors: np.ndarray,
     stages: Sequence[StageSpec],
@@ -204,7 +220,7 @@ def encode_batch(
         tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
         local = local_truncation_errors(spectra, tt.ranks)
         stored, scales = [], []
-        for core in tt.cores:
+        for core in _balance_gauge(tt.cores) if dtype == "int8" else tt.cores:
             q, sc = quantize(core, dtype)
             stored.append(q)
             scales.append(sc)
