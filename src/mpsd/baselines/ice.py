@@ -27,6 +27,7 @@ from mpsd.baselines.base import (
     quantize_all,
     to_uint8,
 )
+from mpsd.core.codec import balance_gauge
 from mpsd.core.contract import contract
 from mpsd.core.layout import choose_layout
 from mpsd.core.quantize import check_storage_dtype
@@ -115,9 +116,8 @@ class ICE(BaselineMethod):
         def encode(i: int) -> Encoded:
             bond = i + 1
             tt = tt_svd(tensors, max_bonds=[bond] * n_bonds)
-            stored, restored = quantize_all(
-                {f"core_{k}": core for k, core in enumerate(tt.cores)}, dtype
-            )
+            cores = balance_gauge(tt.cores) if dtype == "int8" else tt.cores  # as an mpsd stage
+            stored, restored = quantize_all({f"core_{k}": core for k, core in enumerate(cores)}, dtype)
             if dtype == "int8":  # one (B, n) array of scales, as an mpsd stage stores them
                 scales = [stored.pop(f"core_{k}_scale") for k in range(len(sites))]
                 stored["scales"] = np.stack(scales, axis=1)

@@ -166,7 +166,7 @@ def ranks_for_budget(
     return ranks_at(values[lo])
 
 
-def _balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
+def balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
     """Rescale cores so that every core but the last has ``max|x| = 1`` per tensor.
 
     The MPS is unchanged (``s·A_k`` and ``A_{k+1}/s`` multiply to the same tensor); the int8
@@ -220,7 +220,7 @@ def encode_batch(
         tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
         local = local_truncation_errors(spectra, tt.ranks)
         stored, scales = [], []
-        for core in _balance_gauge(tt.cores) if dtype == "int8" else tt.cores:
+        for core in balance_gauge(tt.cores) if dtype == "int8" else tt.cores:
             q, sc = quantize(core, dtype)
             stored.append(q)
             scales.append(sc)
