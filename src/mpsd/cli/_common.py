@@ -77,6 +77,19 @@ def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterat
             progress.stop()
 
 
+def event_progress() -> Progress:
+    """A progress display whose tasks carry an ``info`` field (for multi-phase torch commands)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 def parse_hw(text: str | None) -> tuple[int, int] | None:
     """Parse ``HxW`` (e.g. ``32x32``)."""
     if text is None:

@@ -150,19 +150,9 @@ def command(
 
 
 def _run_with_progress(dataset: Any, config: Any, run: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from mpsd.cli._common import event_progress
 
-    from mpsd.cli._common import console
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
+    progress = event_progress()
     overall = progress.add_task("models trained", total=_expected_runs(config), info="")
     current = progress.add_task("building arms", total=None, info="")
 

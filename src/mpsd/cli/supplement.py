@@ -116,19 +116,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _with_progress(work: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from mpsd.cli._common import event_progress
 
-    from mpsd.cli._common import console
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
+    progress = event_progress()
     state: dict[str, Any] = {"task": None, "phase": "teacher"}
 
     def on_event(event: str, info: dict[str, Any]) -> None:
