@@ -23,25 +23,10 @@ import numpy as np
 from mpsd.archive.codecs import array_codecs
 from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, StageMeta
 from mpsd.archive.reader import Archive
-from mpsd.archive.writer import _fsync_path, _journal_path, _Lock, recover, write_manifest
+from mpsd.archive.writer import _Lock, recover, swap_into_place, write_manifest
 from mpsd.core.codec import StageSpec, encode_batch
 from mpsd.core.ttsvd import check_bonds
 from mpsd.errors import OptionError, StoreError
-
-
-def swap_into_place(tmp: Path, path: Path) -> None:
-    """Replace the committed store ``path`` by the committed store ``tmp``, journalled."""
-    old = path.parent / f".{path.name}.mpsd-old-{secrets.token_hex(4)}"
-    journal = _journal_path(path)
-    with open(journal, "w") as fh:
-        json.dump({"old": old.name, "new": tmp.name}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-    journal.unlink()
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_supplement(

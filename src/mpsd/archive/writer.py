@@ -210,6 +210,26 @@ def _set_rows(writes: list[tuple[Any, np.ndarray]], start: int, stop: int) -> No
             raise result
 
 
+def swap_into_place(tmp: Path, path: Path) -> None:
+    """Replace the committed store ``path`` by the committed store ``tmp``, journalled.
+
+    The journal (``.NAME.mpsd-swap.json``) lets :func:`recover` finish or roll back a swap that a
+    crash interrupted between the two renames.
+    """
+    old = path.parent / f".{path.name}.mpsd-old-{secrets.token_hex(4)}"
+    journal = _journal_path(path)
+    with open(journal, "w") as fh:
+        json.dump({"old": old.name, "new": tmp.name}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path, old)
+    _fault("between_renames")
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+    journal.unlink()
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class StoreWriter:
     """Create a store in a temporary sibling and commit it with :meth:`commit`.
 
@@ -380,18 +400,7 @@ class StoreWriter:
             write_manifest(self.tmp, self.meta.n_images)
             _fault("after_manifest")
             if self.path.exists():
-                old = self.path.parent / f".{self.path.name}.mpsd-old-{secrets.token_hex(4)}"
-                journal = _journal_path(self.path)
-                with open(journal, "w") as fh:
-                    json.dump({"old": old.name, "new": self.tmp.name}, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(self.path, old)
-                _fault("between_renames")
-                os.replace(self.tmp, self.path)
-                _fsync_path(self.path.parent)
-                journal.unlink()
-                shutil.rmtree(old, ignore_errors=True)
+                swap_into_place(self.tmp, self.path)
             else:
                 os.replace(self.tmp, self.path)
             _fsync_path(self.path.parent)
