@@ -314,6 +314,14 @@ class Archive:
         result = decode_stages(self._read_stages(start, stop))
         return result if flat else self.meta.layout.from_sites(result)
 
+    def _round_images(self, stages: list[tuple[list[np.ndarray], np.ndarray | None]], out: np.ndarray | None = None) -> np.ndarray:
+        """Stored stages of whole images to rounded images ((B, H, W, C) of the source dtype)."""
+        layout, max_value = self.meta.layout, self.meta.max_value
+        done = _kernels.decode_rounded(stages, layout, max_value, self.dtype, out=out)
+        if done is not None:
+            return done
+        return _kernels.unfold_rounded(decode_stages(stages), layout, max_value, self.dtype, out=out)
+
     def _iter_runs(self, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """Group sorted unique indices by chunk: yields (start, stop, positions-in-run)."""
         ch = self.meta.chunk_images
@@ -373,7 +381,6 @@ class Archive:
                         continue
                     a, b = (lo - start) * m, (hi - start) * m
                     part = [([c[a:b] for c in cores], None if sc is None else sc[a:b]) for cores, sc in stages]
-                    flat = decode_stages(part)
                     p0 = np.searchsorted(sorted_idx, sel[0], side="left")
                     p1 = np.searchsorted(sorted_idx, sel[-1], side="right")
                     if sel.size == hi - lo == p1 - p0 and order[p0] + (p1 - p0) - 1 == order[p1 - 1] and (
@@ -381,10 +388,9 @@ class Archive:
                     ):
                         # every row of the block, wanted once, in output order: write in place
                         o0 = int(order[p0])
-                        _kernels.unfold_rounded(flat, self.meta.layout, max_value, self.dtype, out=out[o0 : o0 + sel.size])
+                        self._round_images(part, out[o0 : o0 + sel.size])
                     else:
-                        values = _kernels.unfold_rounded(flat, self.meta.layout, max_value, self.dtype)
-                        place(sel, values[sel - lo])
+                        place(sel, self._round_images(part)[sel - lo])
 
             workers = min(len(runs), available_cpus())
             if workers <= 1:

@@ -71,11 +71,13 @@ def _kernels() -> dict[str, Any]:
                         nb.gather_scale(im, ix, 255.0, np.empty((1, 2)))
                         nb.squared_error(np.zeros((1, 2)), im, ix, 255.0, np.empty(1))
                         nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
+                        nb.decode_round(np.ones((1, 2)), np.array([[0, 1]]), np.array([1, 1]),
+                                        np.array([[1, 1, 1]]), np.array([1]), ix, 255.0, im)
                 _compiled = {
                     "eigh_batch": nb.eigh_batch,
                     "qr": nb.qr_batch, "gather_scale": nb.gather_scale,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
-                    "contract_packed": nb.contract_packed,
+                    "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                 }
     return _compiled
 
@@ -146,23 +148,23 @@ def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, r
 
 
-def contract_cores(cores: list[np.ndarray]) -> np.ndarray | None:
-    """Contract a batch of MPS in one compiled pass, or None when numba is not used.
+def _contract_plan(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``(dims, ranks, split)`` for the compiled contraction of cores of these shapes, or None.
 
-    Contracts from both ends towards the bond where that costs the fewest multiplications and
-    multiplies the two halves, keeping every intermediate of a tensor in cache.  Returns
-    (B, prod d) float64 (C order over the sites).
+    The split is the bond where contracting from both ends costs the fewest multiplications.
+    None when the shapes do not chain, or when BLAS does better (rows of fewer than 4 numbers or
+    bonds above 8, measured on the CIFAR and Fashion-MNIST shapes).
     """
-    if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
+    if len(shapes) < 2:
         return None
-    b = cores[0].shape[0]
-    dims = np.array([c.shape[2] for c in cores], dtype=np.int64)
-    ranks = np.array([1] + [c.shape[3] for c in cores], dtype=np.int64)
-    if ranks[-1] != 1 or cores[0].shape[1] != 1 or any(
-        c.shape[1] != r or c.shape[0] != b for c, r in zip(cores, ranks[:-1], strict=True)
+    b = shapes[0][0]
+    dims = np.array([c[2] for c in shapes], dtype=np.int64)
+    ranks = np.array([1] + [c[3] for c in shapes], dtype=np.int64)
+    if ranks[-1] != 1 or shapes[0][1] != 1 or any(
+        c[1] != r or c[0] != b for c, r in zip(shapes, ranks[:-1], strict=True)
     ):
         return None  # let the plain path report the mismatch
-    n = len(cores)
+    n = len(shapes)
     best, split = None, 1
     for s in range(1, n):
         cost = 0
@@ -185,14 +187,94 @@ def contract_cores(cores: list[np.ndarray]) -> np.ndarray | None:
         cols *= int(dims[j])
     widths.append(cols)
     if min(widths) < 4 or int(ranks.max()) > 8:
-        return None  # BLAS does better there (measured on the CIFAR and Fashion-MNIST shapes)
-    sizes = [int(np.prod(c.shape[1:])) for c in cores]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    packed = np.empty((b, int(sum(sizes))))
-    for c, o, s in zip(cores, offsets, sizes, strict=True):
-        packed[:, o : o + s] = c.reshape(b, s)
+        return None
+    return dims, ranks, split
+
+
+def _pack(cores: list[np.ndarray], scales: np.ndarray | None, out: np.ndarray, start: int) -> list[int]:
+    """Copy (and dequantise: ``q·scale``) a batch's cores side by side into ``out[:, start:]``.
+
+    Returns the column offset of every core.
+    """
+    b = cores[0].shape[0]
+    offsets = []
+    o = start
+    scale64 = None if scales is None else np.asarray(scales, dtype=np.float64)
+    for k, c in enumerate(cores):
+        size = int(np.prod(c.shape[1:]))
+        dst = out[:, o : o + size]
+        if scale64 is None:
+            dst[...] = c.reshape(b, size)
+        else:  # exactly quantize.dequantize: float64(q) · float64(scale)
+            np.multiply(c.reshape(b, size), scale64[:, k, None], out=dst)
+        offsets.append(o)
+        o += size
+    return offsets
+
+
+def contract_cores(cores: list[np.ndarray]) -> np.ndarray | None:
+    """Contract a batch of MPS in one compiled pass, or None when numba is not used.
+
+    Contracts from both ends towards the bond where that costs the fewest multiplications and
+    multiplies the two halves, keeping every intermediate of a tensor in cache.  Returns
+    (B, prod d) float64 (C order over the sites).
+    """
+    if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
+        return None
+    plan = _contract_plan([c.shape for c in cores])
+    if plan is None:
+        return None
+    dims, ranks, split = plan
+    b = cores[0].shape[0]
+    packed = np.empty((b, sum(int(np.prod(c.shape[1:])) for c in cores)))
+    offsets = np.array(_pack(cores, None, packed, 0), dtype=np.int64)
     out = np.empty((b, int(np.prod(dims))))
     _kernels()["contract_packed"](packed, offsets, dims, ranks, split, out)
+    return out
+
+
+def decode_rounded(
+    stages: list[tuple[list[np.ndarray], np.ndarray | None]],
+    layout: Any,
+    max_value: int,
+    dtype: np.dtype,
+    out: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Stored stages straight to rounded images in one compiled pass, or None if not possible.
+
+    Equals ``unfold_rounded(codec.decode_stages(stages), layout, max_value, dtype, out)`` bit for
+    bit, but each tensor is contracted, summed over the stages and rounded into its image while it
+    is still in cache (no (B·M, prod sites) float array).  None when numba is not used, the
+    image dtype is not an integer or a stage has shapes the compiled contraction does not take.
+
+    Parameters
+    ----------
+    stages : list of (cores, scales)
+        Stored cores of every stage, core k of shape (B·M, R_{k-1}, d_k, R_k), and their int8
+        scales ((B·M, n)) or None.
+    out : ndarray of shape (B, H, W, C), optional
+        C-contiguous, of ``dtype``.
+    """
+    if not use_numba() or np.dtype(dtype).kind not in "ui" or not stages or stages[0][0][0].shape[0] == 0:
+        return None
+    plans = [_contract_plan([c.shape for c in cores]) for cores, _ in stages]
+    if any(p is None for p in plans) or any(not np.array_equal(p[0], plans[0][0]) for p in plans):  # type: ignore[index]
+        return None
+    rows = stages[0][0][0].shape[0]
+    width = sum(int(np.prod(c.shape[1:])) for cores, _ in stages for c in cores)
+    packed = np.empty((rows, width))
+    offsets, start = [], 0
+    for cores, scales in stages:
+        offsets.append(_pack(cores, scales, packed, start))
+        start += sum(int(np.prod(c.shape[1:])) for c in cores)
+    n = rows // layout.mps_per_image
+    if out is None:
+        out = np.empty((n, layout.height, layout.width, layout.channels), dtype=dtype)
+    _kernels()["decode_round"](
+        packed, np.array(offsets, dtype=np.int64), plans[0][0],  # type: ignore[index]
+        np.stack([p[1] for p in plans]), np.array([p[2] for p in plans], dtype=np.int64),  # type: ignore[index]
+        site_index(layout), float(max_value), out.reshape(n, -1),
+    )
     return out
 
 

@@ -411,6 +411,19 @@ def contract_packed(packed, offsets, dims, ranks, split, out):  # pragma: no cov
     # split..n-1 from the right, then multiply the two halves: out (B, prod dims).
     nb = packed.shape[0]
     n = dims.shape[0]
+    la, lb, ra, rb, acc = _contract_scratch(dims, ranks, split, out.shape[1])
+    pf = packed.reshape(packed.size)
+    of = out.reshape(out.size)
+    p = packed.shape[1]
+    q = out.shape[1]
+    for t in range(nb):
+        _contract_one(pf, U(t * p), offsets, dims, ranks, split, n, la, lb, ra, rb, acc, of, U(t * q))
+
+
+@njit(nogil=True, cache=True)
+def _contract_scratch(dims, ranks, split, q):  # pragma: no cover - compiled
+    # Scratch buffers of _contract_one for these shapes.
+    n = dims.shape[0]
     rows_l = 1
     for j in range(split):
         rows_l *= dims[U(j)]
@@ -427,43 +440,80 @@ def contract_packed(packed, offsets, dims, ranks, split, out):  # pragma: no cov
     for j in range(n - 1, split - 1, -1):
         c *= dims[U(j)]
         size_r = max(size_r, c * ranks[U(j)])
-    la = np.empty(size_l)
-    lb = np.empty(size_l)
-    ra = np.empty(size_r)
-    rb = np.empty(size_r)
-    acc = np.empty(max(size_l, size_r, out.shape[1]))
+    return np.empty(size_l), np.empty(size_l), np.empty(size_r), np.empty(size_r), np.empty(max(size_l, size_r, q))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, acc, of, oo):  # pragma: no cover
+    # One tensor: its cores start at pf[base + offsets[k]]; the result goes to of[oo: oo + prod dims].
+    # left half: (d_1, R_1) then (rows·d, R)
+    rows = dims[0]
+    r1 = ranks[1]
+    o0 = base + U(offsets[0])
+    for i in range(rows * r1):
+        la[U(i)] = pf[o0 + U(i)]
+    cur, nxt = la, lb
+    for j in range(1, split):
+        rj = ranks[U(j)]
+        dn = dims[U(j)] * ranks[U(j + 1)]
+        _mm(cur, 0, rows, rj, pf, base + U(offsets[U(j)]), dn, nxt, 0, acc)
+        rows *= dims[U(j)]
+        cur, nxt = nxt, cur
+    # right half: (R_{n-1}, d_n) then (R_j, d·cols)
+    cols = dims[U(n - 1)]
+    rl = ranks[U(n - 1)]
+    o1 = base + U(offsets[U(n - 1)])
+    for i in range(rl * cols):
+        ra[U(i)] = pf[o1 + U(i)]
+    rcur, rnxt = ra, rb
+    for j in range(n - 2, split - 1, -1):
+        rj = ranks[U(j)]
+        rj1 = ranks[U(j + 1)]
+        dj = dims[U(j)]
+        _mm(pf, base + U(offsets[U(j)]), rj * dj, rj1, rcur, 0, cols, rnxt, 0, acc)
+        cols *= dj
+        rcur, rnxt = rnxt, rcur
+    _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, oo, acc)
+
+
+@njit(nogil=True, cache=True)
+def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # pragma: no cover - compiled
+    # Decode whole images in one pass: tensor t (image t // M, tensor t % M of it) is the sum of
+    # its S stages, stage s packed at packed[t, offsets[s, k]] with ranks[s]; every site entry j
+    # is rounded to out[t // M, idx[(t % M)·P + j]] = clip(rint(x·max), 0, max) (idx < 0: padding).
+    # The tensor stays in cache between contraction and rounding.
+    nb = packed.shape[0]
+    n_stages = offsets.shape[0]
+    n = dims.shape[0]
+    q = 1
+    for j in range(n):
+        q *= dims[U(j)]
+    m_per = idx.shape[0] // q
     pf = packed.reshape(packed.size)
-    of = out.reshape(out.size)
     p = packed.shape[1]
-    q = out.shape[1]
+    total = np.empty(q)
+    part = np.empty(q)
+    size = 0
+    for s in range(n_stages):
+        la, lb, ra, rb, acc = _contract_scratch(dims, ranks[s], splits[s], q)
+        size = max(size, la.shape[0], ra.shape[0], acc.shape[0])
+    la = np.empty(size)
+    lb = np.empty(size)
+    ra = np.empty(size)
+    rb = np.empty(size)
+    acc = np.empty(size)
     for t in range(nb):
-        base = U(t * p)
-        # left half: (d_1, R_1) then (rows·d, R)
-        rows = dims[0]
-        r1 = ranks[1]
-        o0 = base + U(offsets[0])
-        for i in range(rows * r1):
-            la[U(i)] = pf[o0 + U(i)]
-        cur, nxt = la, lb
-        for j in range(1, split):
-            rj = ranks[U(j)]
-            dn = dims[U(j)] * ranks[U(j + 1)]
-            _mm(cur, 0, rows, rj, pf, base + U(offsets[U(j)]), dn, nxt, 0, acc)
-            rows *= dims[U(j)]
-            cur, nxt = nxt, cur
-        # right half: (R_{n-1}, d_n) then (R_j, d·cols)
-        cols = dims[U(n - 1)]
-        rl = ranks[U(n - 1)]
-        o1 = base + U(offsets[U(n - 1)])
-        for i in range(rl * cols):
-            ra[U(i)] = pf[o1 + U(i)]
-        rcur, rnxt = ra, rb
-        for j in range(n - 2, split - 1, -1):
-            rj = ranks[U(j)]
-            rj1 = ranks[U(j + 1)]
-            dj = dims[U(j)]
-            _mm(pf, base + U(offsets[U(j)]), rj * dj, rj1, rcur, 0, cols, rnxt, 0, acc)
-            cols *= dj
-            rcur, rnxt = rnxt, rcur
-        _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, U(t * q), acc)
+        for s in range(n_stages):
+            dst = total if s == 0 else part
+            _contract_one(pf, U(t * p), offsets[s], dims, ranks[s], splits[s], n, la, lb, ra, rb, acc, dst, U(0))
+            if s > 0:
+                for j in range(q):
+                    total[U(j)] += part[U(j)]
+        img = t // m_per
+        o = U((t % m_per) * q)
+        for j in range(q):
+            k = idx[o + U(j)]
+            if k >= 0:
+                # branch-free clip (dark backgrounds make the branches unpredictable)
+                out[U(img), U(k)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
 
