@@ -148,6 +148,17 @@ def test_mpsd_kd_arm_fits_the_budget_with_its_supplement(fm: Dataset, tmp_path: 
         assert kd["final_loss"] < kd["initial_loss"]
 
 
+def test_mpsd_kd_arm_says_when_the_supplement_alone_is_over_the_budget(fm: Dataset, tmp_path: Path) -> None:
+    # bond 2 on the 2,4,7,7,2 sites is 80 parameters per 784-pixel image: more than 5 % of the bytes
+    config = EvalConfig(
+        methods=("mpsd-kd",), budgets=(0.05,), recipe_overrides=FAST, device="cpu", kd_options={"bond": "2", "epochs": 1},
+    )  # fmt: skip
+    report = run_evaluation(fm, config)
+    assert not report.runs
+    (failure,) = report.failures
+    assert "supplement alone" in failure["reason"] and "bytes" in failure["reason"]
+
+
 def test_store_arm_trains_from_a_store_through_store_dataset(fm: Dataset, tmp_path: Path) -> None:
     path = tmp_path / "user.zarr"
     mpsd.compress(fm.x_train[:50], path, ratio=0.3, labels=fm.y_train[:50])

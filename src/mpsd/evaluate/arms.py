@@ -302,7 +302,12 @@ def build_kd_arm(
         dummy = storage_projection(probe, bonds)(rng.normal(0, 20, size=(len(probe), h, w, c)).astype(np.float32))
         before = probe.bytes_on_disk
         supp = int(add_supplement(path, dummy, bond=bonds).bytes_on_disk) - int(before)
-        plan = [Budget("bytes", max(1e-6, (limit - supp * 1.02) / budget.raw_bytes), budget.raw_bytes)]
+        if limit - supp * 1.02 <= 0:
+            raise OptionError(
+                f"mpsd-kd: the supplement alone (bonds {','.join(map(str, bonds))}) takes about {supp:,} bytes, "
+                f"more than the budget of {limit:,} bytes"
+            )
+        plan = [Budget("bytes", (limit - supp * 1.02) / budget.raw_bytes, budget.raw_bytes)]
     tries = 0
     while True:
         tries += 1
