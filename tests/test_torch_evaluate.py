@@ -149,9 +149,10 @@ def test_mpsd_kd_arm_fits_the_budget_with_its_supplement(fm: Dataset, tmp_path: 
 
 
 def test_mpsd_kd_arm_says_when_the_supplement_alone_is_over_the_budget(fm: Dataset, tmp_path: Path) -> None:
-    # bond 2 on the 2,4,7,7,2 sites is 80 parameters per 784-pixel image: more than 5 % of the bytes
+    # bond 2 on the 2,4,7,7,2 sites is 80 parameters per 784-pixel image: more than 10 % of the bytes,
+    # while mpsd alone fits (bond 1 is about 8 %)
     config = EvalConfig(
-        methods=("mpsd-kd",), budgets=(0.05,), recipe_overrides=FAST, device="cpu", kd_options={"bond": "2", "epochs": 1},
+        methods=("mpsd-kd",), budgets=(0.1,), recipe_overrides=FAST, device="cpu", kd_options={"bond": "2", "epochs": 1},
     )  # fmt: skip
     report = run_evaluation(fm, config)
     assert not report.runs
