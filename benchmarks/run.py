@@ -376,9 +376,12 @@ def memory_child(args: argparse.Namespace) -> None:
         rss_enc = peak_rss_mb()
         t0 = time.perf_counter()
         total = 0
-        # eight chunks per call: decode() spreads a call's chunks over the CPUs
+        # eight chunks per call: decode() spreads a call's chunks over the CPUs.  Each batch is
+        # dropped before the next is decoded, as a streaming consumer would (a for-loop variable
+        # would otherwise keep the previous batch alive while the next one is built: two batches)
         for _start, batch in archive.iter_batches(8 * archive.meta.chunk_images):
             total += int(batch.shape[0])
+            del batch
         dec = time.perf_counter() - t0
         size = archive.bytes_on_disk
     print("RESULT " + json.dumps({
