@@ -241,10 +241,18 @@ def test_tampered_metadata_is_refused(tmp_path, cifar):
     assert any("damaged: zarr.json" in p for p in verify_store(path).problems)
 
 
-def test_no_metrics_keeps_only_what_decoding_needs(tmp_path, cifar):
+@pytest.mark.parametrize(
+    "kw",
+    [{"bond": "4,6,6,4"}, {"bond": "4,6,6,4", "residual_bonds": ["2,4,4,2"]}, {"tol": 0.05}, {"ratio": 0.2}],
+)
+def test_no_metrics_keeps_only_what_decoding_needs(tmp_path, cifar, kw):
+    # without metrics the encoder skips the spectra and the last contraction: the stored cores
+    # must not change (the same eigendecompositions are computed, only fewer of them)
     x = cifar["x_train"][:100]
-    full = mpsd.compress(x, tmp_path / "a.zarr", bond="4,6,6,4")
-    lean = mpsd.compress(x, tmp_path / "b.zarr", bond="4,6,6,4", metrics=False)
+    full = mpsd.compress(x, tmp_path / "a.zarr", **kw)
+    lean = mpsd.compress(x, tmp_path / "b.zarr", metrics=False, **kw)
+    for name in (f"stage{i}/core{k}" for i in range(len(full.meta.stages)) for k in range(5)):
+        np.testing.assert_array_equal(lean.metric(name), full.metric(name))
     np.testing.assert_array_equal(lean[:], full[:])
     s = lean.stats()
     assert not s.metrics_recorded and s.psnr is None and s.entropy == [] and s.error_bound is None

@@ -102,15 +102,19 @@ def _as_source(
 
 
 def _encode_images(
-    images: np.ndarray, layout: SiteLayout, stages: Sequence[StageSpec], dtype: str, max_value: int
+    images: np.ndarray, layout: SiteLayout, stages: Sequence[StageSpec], dtype: str, max_value: int,
+    metrics: bool = True,
 ) -> tuple[EncodedBatch, np.ndarray]:
     """Encode (B, H, W, C) integer images; returns the batch and each image's squared pixel error.
 
     The batch comes back without its ``reconstruction`` (an empty (B·M, 0) array): only the
-    squared pixel error is needed from it, and dropping it keeps a chunk's memory small.
+    squared pixel error is needed from it, and dropping it keeps a chunk's memory small.  Without
+    ``metrics`` none of the numbers are computed and the squared errors are NaN.
     """
     tensors = _kernels.fold_scaled(images, layout, max_value)  # layout.to_sites(images) / max_value
-    batch = encode_batch(tensors, stages, dtype=dtype)
+    batch = encode_batch(tensors, stages, dtype=dtype, metrics=metrics)
+    if not metrics:
+        return batch, np.full(images.shape[0], np.nan)
     sq_error = _kernels.pixel_squared_error(batch.reconstruction, images, layout, max_value)
     batch.reconstruction = batch.reconstruction[:, :0]
     return batch, sq_error
@@ -292,7 +296,7 @@ def _write_store(
     # compression and file writes release the GIL).  At most two chunks are in flight, so memory
     # does not grow with the number of images.
     def encode(part: np.ndarray) -> tuple[EncodedBatch, np.ndarray]:
-        return _encode_images(part, layout, specs, dtype, max_value)
+        return _encode_images(part, layout, specs, dtype, max_value, meta.has_metrics)
 
     with (
         StoreWriter(path, meta, overwrite=overwrite) as writer,

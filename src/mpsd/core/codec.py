@@ -192,6 +192,7 @@ def encode_batch(
     stages: Sequence[StageSpec],
     *,
     dtype: str = "int8",
+    metrics: bool = True,
 ) -> EncodedBatch:
     """Encode a batch with one or more stages.
 
@@ -203,6 +204,11 @@ def encode_batch(
         Truncation of stage 1 (the image) and of each residual stage.
     dtype : {"int8", "float16", "float32"}
         Storage dtype of the cores.
+    metrics : bool
+        Also compute the paper's numbers and the reconstruction.  ``False`` computes only what is
+        stored for decoding: no spectra of the unfoldings beyond what the truncation needs and no
+        contraction of the last stage; ``entropy``, ``local_errors``, ``bound``, ``norm`` and
+        ``error`` are then NaN and ``reconstruction`` is empty, shape (B, 0).
 
     Returns
     -------
@@ -210,26 +216,30 @@ def encode_batch(
     """
     s = np.asarray(tensors, dtype=np.float64)
     b, sites = s.shape[0], s.shape[1:]
+    n1 = len(sites) - 1
     flat = s.reshape(b, -1)
     total = np.zeros_like(flat)
     encoded: list[EncodedStage] = []
-    entropy = None
+    entropy = np.full((b, n1), np.nan)
     for i, spec in enumerate(stages):
         target = s if i == 0 else (flat - total).reshape(s.shape)
-        spectra = unfolding_spectra(target)
-        if i == 0:
+        spectra = unfolding_spectra(target) if metrics or spec.ratio is not None else None
+        if i == 0 and metrics:
+            assert spectra is not None
             entropy = entanglement_entropy(spectra)
         caps: np.ndarray | tuple[int, ...] = spec.max_bonds(sites)
         if spec.ratio is not None:
+            assert spectra is not None
             caps = ranks_for_budget(spectra, sites, spec.ratio * b * math.prod(sites), caps)
         tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
-        local = local_truncation_errors(spectra, tt.ranks)
+        local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
         stored, scales = [], []
         for core in balance_gauge(tt.cores) if dtype == "int8" else tt.cores:
             q, sc = quantize(core, dtype)
             stored.append(q)
             scales.append(sc)
-        total = total + contract([dequantize(q, sc) for q, sc in zip(stored, scales, strict=True)])
+        if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers
+            total = total + contract([dequantize(q, sc) for q, sc in zip(stored, scales, strict=True)])
         encoded.append(
             EncodedStage(
                 cores=stored,
@@ -239,7 +249,9 @@ def encode_batch(
                 bound=theorem1_bound(local),
             )
         )
-    assert entropy is not None
+    if not metrics:
+        nan = np.full(b, np.nan)
+        return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=flat[:, :0])
     return EncodedBatch(
         stages=encoded,
         entropy=entropy,
