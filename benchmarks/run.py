@@ -81,10 +81,13 @@ def run_mpsd(x: np.ndarray, dataset: str, variant: str, workers: int) -> dict:
     _kernels.tune_allocator()  # as the mpsd CLI does for its process
     bond, residual = MPSD_BONDS[dataset]
     kw: dict = {"bond": bond}
-    if variant == "residual":
+    base, _, lean = variant.partition("+")
+    if base == "residual":
         kw["residual_bonds"] = [residual]
-    elif variant == "tol":
+    elif base == "tol":
         kw = {"tol": 0.05}
+    if lean == "no-metrics":  # only what decoding needs (compress --no-metrics)
+        kw["metrics"] = False
     with tempfile.TemporaryDirectory(dir=os.environ.get("MPSD_BENCH_TMP")) as tmp:
         # warm up: import zarr, load numba's cached kernels (compile on a first run)
         mpsd.compress(x[:64], Path(tmp) / "warm", workers=workers, **kw).decode(slice(None))
@@ -222,6 +225,9 @@ def methods(dataset: str) -> list[tuple[str, dict]]:
         (f"mpsd --bond {bond} --residual-bond {residual}", {"kind": "mpsd", "variant": "residual"}),
         ("mpsd --tol 0.05", {"kind": "mpsd", "variant": "tol"}),
         (f"mpsd --bond {bond} (numpy only)", {"kind": "mpsd", "variant": "bond", "no_numba": True}),
+        (f"mpsd --bond {bond} --no-metrics", {"kind": "mpsd", "variant": "bond+no-metrics"}),
+        (f"mpsd --bond {bond} --residual-bond {residual} --no-metrics", {"kind": "mpsd", "variant": "residual+no-metrics"}),
+        ("mpsd --tol 0.05 --no-metrics", {"kind": "mpsd", "variant": "tol+no-metrics"}),
         (f"tensorly tensor_train loop ({bond})", {"kind": "tensorly"}),
     ]
     for lib in ("imagecodecs", "pillow"):
@@ -297,16 +303,20 @@ def table_main(args: argparse.Namespace) -> list[dict]:
 
 
 def ratios(rows: list[dict], dataset: str) -> None:
-    def rate(label_start: str, key: str) -> float | None:
+    def rate(label_start: str, key: str, lean: bool = False) -> float | None:
         for r in rows:
-            if r["dataset"] == dataset and r["label"].startswith(label_start) and "error" not in r:
+            if (r["dataset"] == dataset and r["label"].startswith(label_start) and "error" not in r
+                    and r["label"].endswith("--no-metrics") == lean):
                 return r["n"] / r[key]
         return None
 
     bond = MPSD_BONDS[dataset][0]
     lines = []
-    for variant in (f"mpsd --bond {bond}", "mpsd --tol", f"mpsd --bond {bond} --residual"):
-        enc = rate(variant, "encode_s")
+    for variant, lean in ((v, lean) for lean in (False, True)
+                          for v in (f"mpsd --bond {bond}", "mpsd --tol", f"mpsd --bond {bond} --residual")):
+        enc = rate(variant, "encode_s", lean)
+        if lean:
+            variant += " ... --no-metrics"
         t = rate("tensorly", "encode_s")
         jenc = rate("imagecodecs JPEG q75", "encode_s")
         if enc and t:
@@ -327,7 +337,7 @@ def ratios(rows: list[dict], dataset: str) -> None:
                      f"{ra[0]['random_access_fresh_ms']:.2f} ms opening the store first")
     def cpu(label_start: str, key: str) -> float | None:
         for r in rows:
-            if r["dataset"] == dataset and r["label"].startswith(label_start) and key in r:
+            if r["dataset"] == dataset and r["label"].startswith(label_start) and key in r and not r["label"].endswith("--no-metrics"):
                 return r[key] / r["n"]
         return None
 
