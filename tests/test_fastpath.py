@@ -285,3 +285,23 @@ def test_fused_decode_equals_contract_then_round(numpy_only, cifar, dtype, stage
     ref = np.clip(np.rint(layout.from_sites(total)[0] * 255), 0, 255)
     assert np.abs(fused[1].astype(int) - ref).max() <= 1  # ±1 only at rounding ties
     assert (fused[1] == ref).mean() > 0.99
+
+
+@needs_numba
+def test_gauge_and_int8_quantisation_kernel_equals_the_numpy_path(numpy_only, cifar):
+    from mpsd.core.codec import _store_cores
+
+    tensors = _tensors(cifar, 24)
+    tensors[3] = 0.0  # an all-zero tensor: every peak is 0, scales 0
+    cores = tt_svd(tensors, max_bonds=(4, 6, 6, 4)).cores
+    cores[1][5, 0, 0, 0] = 0.5 * cores[1][5].max()  # half the peak: near a rounding tie (q ≈ 63.5)
+    (fq, fs), (rq, rs) = both(numpy_only, lambda: _store_cores([c.copy() for c in cores], "int8"))
+    np.testing.assert_array_equal(fs, rs)
+    assert fs.dtype == np.float32 and fs.shape == (len(tensors), 5)
+    for a, b, c in zip(fq, rq, cores, strict=True):
+        assert a.dtype == np.int8 and a.shape == c.shape
+        np.testing.assert_array_equal(a, b)
+    # and it is a faithful int8 copy: dequantised cores multiply out to the tensors
+    deq = [q.astype(np.float64) * fs[:, k, None, None, None] for k, q in enumerate(fq)]
+    err = np.linalg.norm(contract(deq) - contract(cores), axis=1) / np.maximum(np.linalg.norm(contract(cores), axis=1), 1e-300)
+    assert err[3] == 0 and np.median(err) < 0.02

@@ -517,3 +517,36 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
                 # branch-free clip (dark backgrounds make the branches unpredictable)
                 out[U(img), U(k)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
 
+
+
+@njit(nogil=True, cache=True)
+def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - compiled
+    # Per tensor t (row of packed, cores side by side at offsets[k] with sizes[k] entries):
+    # balance the gauge (core k /= max|core k|, core k+1 *= it, for k < n-1), then store every
+    # core as int8: scale = float32(max|x| / 127), q = clip(rint(x / scale), -127, 127).  Same
+    # operations, in the same order, as codec.balance_gauge followed by quantize.quantize.
+    nb = packed.shape[0]
+    n = offsets.shape[0]
+    for t in range(nb):
+        for k in range(n - 1):
+            o = offsets[U(k)]
+            peak = 0.0
+            for j in range(sizes[U(k)]):
+                peak = max(peak, abs(packed[U(t), U(o + j)]))
+            sk = peak if peak > 0 else 1.0
+            for j in range(sizes[U(k)]):
+                packed[U(t), U(o + j)] /= sk
+            o1 = offsets[U(k + 1)]
+            for j in range(sizes[U(k + 1)]):
+                packed[U(t), U(o1 + j)] *= sk
+        for k in range(n):
+            o = offsets[U(k)]
+            peak = 0.0
+            for j in range(sizes[U(k)]):
+                peak = max(peak, abs(packed[U(t), U(o + j)]))
+            sc = np.float32(peak / 127.0)
+            scales[U(t), U(k)] = sc
+            safe = np.float64(sc) if sc > 0 else 1.0
+            for j in range(sizes[U(k)]):
+                x = _rint(packed[U(t), U(o + j)] / safe)
+                q[U(t), U(o + j)] = np.int8(min(max(x, -127.0), 127.0))

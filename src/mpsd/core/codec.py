@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpsd.core import _kernels
 from mpsd.core.contract import contract
 from mpsd.core.quantize import dequantize, quantize
 from mpsd.core.spectra import (
@@ -187,6 +188,17 @@ def balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def _store_cores(cores: list[np.ndarray], dtype: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Cores as stored: int8 with a balanced gauge and per-core scales ((B, n) float32), or cast."""
+    if dtype != "int8":
+        return [quantize(c, dtype)[0] for c in cores], None
+    fast = _kernels.gauge_quantize_int8(cores)
+    if fast is not None:
+        return fast
+    pairs = [quantize(c, dtype) for c in balance_gauge(cores)]
+    return [q for q, _ in pairs], np.stack([sc for _, sc in pairs], axis=1)  # type: ignore[misc]
+
+
 def encode_batch(
     tensors: np.ndarray,
     stages: Sequence[StageSpec],
@@ -233,17 +245,15 @@ def encode_batch(
             caps = ranks_for_budget(spectra, sites, spec.ratio * b * math.prod(sites), caps)
         tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
         local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
-        stored, scales = [], []
-        for core in balance_gauge(tt.cores) if dtype == "int8" else tt.cores:
-            q, sc = quantize(core, dtype)
-            stored.append(q)
-            scales.append(sc)
+        stored, scales = _store_cores(tt.cores, dtype)
         if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers
-            total = total + contract([dequantize(q, sc) for q, sc in zip(stored, scales, strict=True)])
+            total = total + contract(
+                [dequantize(q, None if scales is None else scales[:, k]) for k, q in enumerate(stored)]
+            )
         encoded.append(
             EncodedStage(
                 cores=stored,
-                scales=None if dtype != "int8" else np.stack(scales, axis=1),  # type: ignore[arg-type]
+                scales=scales,
                 ranks=tt.ranks,
                 local_errors=local,
                 bound=theorem1_bound(local),
