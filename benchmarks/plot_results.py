@@ -4,6 +4,8 @@ Usage::
 
     .venv/bin/python benchmarks/plot_results.py docs/results/*.json --out docs/results.png
 
+It also prints, per dataset, a markdown table of accuracy by method and byte budget.
+
 Every ``results.json`` given is read; runs are grouped by dataset (one panel each) and by method
 (one line each).  Only byte budgets are plotted (parameter-ratio budgets have no common x axis
 with the codecs).  x is the whole arm's bytes on disk divided by the number of training images of
@@ -44,6 +46,50 @@ def load_points(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+def pivot_tables(paths: list[Path]) -> str:
+    """Markdown: per dataset, test accuracy of every method (rows) at every byte budget (columns).
+
+    Cells are ``acc`` (mean over repeats, ``± std`` when there are several) with the arm's actual
+    byte ratio; coresets add their equal-steps accuracy; arms that could not meet a budget say so.
+    """
+    cells: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    budgets: dict[str, set[str]] = defaultdict(set)
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        name = Path(data["environment"]["dataset"]["name"]).stem
+        for row in data["summary"]:
+            budget = str(row["budget"])
+            if row["method"] != "original" and not budget.endswith("bytes"):
+                continue
+            acc = f"{100 * row['acc_mean']:.1f}"
+            if row["repeats"] > 1:
+                acc += f" ± {100 * row['acc_std']:.1f}"
+            if row["method"] == "original":
+                cells[name]["original"]["—"] = acc
+                continue
+            budgets[name].add(budget)
+            extra = f" ({row['byte_ratio']:.2f})" if row.get("byte_ratio") is not None else ""
+            if row.get("acc_steps_mean") is not None:
+                extra += f", steps {100 * row['acc_steps_mean']:.1f}"
+            cells[name][row["method"]][budget] = acc + extra
+        for fail in data.get("failures", []):
+            b = fail.get("budget") or {}
+            if b.get("kind") == "bytes":
+                label = f"{round(100 * b['fraction'])}% bytes"
+                budgets[name].add(label)
+                cells[name][fail["method"]].setdefault(label, "over budget")
+    out = []
+    for name in sorted(cells):
+        cols = sorted(budgets[name], key=lambda b: float(b.split("%")[0]))
+        orig = cells[name].get("original", {}).get("—", "not run")
+        out.append(f"\n**{name}** — test accuracy (%), actual byte ratio in brackets; original training set: {orig}\n")
+        out.append("| method | " + " | ".join(cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for method in [m for m in MARKERS if m in cells[name]]:
+            out.append(f"| {method} | " + " | ".join(cells[name][method].get(c, "—") for c in cols) + " |")
+    return "\n".join(out)
+
+
 def plot(points: dict[str, dict], out: Path) -> None:
     import matplotlib
 
@@ -80,6 +126,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results.png"))
     args = parser.parse_args()
     plot(load_points(args.results), args.out)
+    print(pivot_tables(args.results))
 
 
 if __name__ == "__main__":
