@@ -46,43 +46,52 @@ def load_points(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
-def pivot_tables(paths: list[Path]) -> str:
-    """Markdown: per dataset, test accuracy of every method (rows) at every byte budget (columns).
+def pivot_tables(paths: list[Path], kind: str = "bytes") -> str:
+    """Markdown: per dataset, test accuracy of every method (rows) at every budget (columns).
 
-    Cells are ``acc`` (mean over repeats, ``± std`` when there are several) with the arm's actual
-    byte ratio; coresets add their equal-steps accuracy; arms that could not meet a budget say so.
+    ``kind`` is ``"bytes"`` (budgets as fractions of the raw bytes) or ``"ratio"`` (the paper's
+    parameter ratio ρ).  Cells are ``acc`` (mean over repeats, ``± std`` when there are several)
+    with the arm's actual byte ratio (bytes) or parameter and byte ratios (ratio); coresets add
+    their equal-steps accuracy; arms that could not meet a budget say so.
     """
     cells: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    budgets: dict[str, set[str]] = defaultdict(set)
+    budgets: dict[str, dict[str, float]] = defaultdict(dict)
     for path in paths:
         data = json.loads(Path(path).read_text())
         name = Path(data["environment"]["dataset"]["name"]).stem
         for row in data["summary"]:
             budget = str(row["budget"])
-            if row["method"] != "original" and not budget.endswith("bytes"):
-                continue
             acc = f"{100 * row['acc_mean']:.1f}"
             if row["repeats"] > 1:
                 acc += f" ± {100 * row['acc_std']:.1f}"
             if row["method"] == "original":
                 cells[name]["original"]["—"] = acc
                 continue
-            budgets[name].add(budget)
-            extra = f" ({row['byte_ratio']:.2f})" if row.get("byte_ratio") is not None else ""
+            if budget.endswith("bytes") != (kind == "bytes"):
+                continue
+            budgets[name][budget] = float(budget.split("%")[0]) / 100 if kind == "bytes" else float(budget[2:])
+            if kind == "bytes":
+                extra = f" ({row['byte_ratio']:.2f})" if row.get("byte_ratio") is not None else ""
+            else:
+                extra = f" (ρ {row['param_ratio']:.2f}, bytes {row['byte_ratio']:.2f})"
             if row.get("acc_steps_mean") is not None:
                 extra += f", steps {100 * row['acc_steps_mean']:.1f}"
             cells[name][row["method"]][budget] = acc + extra
         for fail in data.get("failures", []):
             b = fail.get("budget") or {}
-            if b.get("kind") == "bytes":
-                label = f"{round(100 * b['fraction'])}% bytes"
-                budgets[name].add(label)
-                cells[name][fail["method"]].setdefault(label, "over budget")
+            if b.get("kind") == kind:
+                label = f"{round(100 * b['fraction'])}% bytes" if kind == "bytes" else f"ρ={b['fraction']:g}"
+                budgets[name][label] = b["fraction"]
+                note = "n/a" if "no parameter ratio" in fail.get("reason", "") else "over budget"
+                cells[name][fail["method"]].setdefault(label, note)
     out = []
+    what = "actual byte ratio" if kind == "bytes" else "actual parameter and byte ratios"
     for name in sorted(cells):
-        cols = sorted(budgets[name], key=lambda b: float(b.split("%")[0]))
+        if not budgets[name]:
+            continue
+        cols = sorted(budgets[name], key=budgets[name].__getitem__)
         orig = cells[name].get("original", {}).get("—", "not run")
-        out.append(f"\n**{name}** — test accuracy (%), actual byte ratio in brackets; original training set: {orig}\n")
+        out.append(f"\n**{name}** — test accuracy (%), {what} in brackets; original training set: {orig}\n")
         out.append("| method | " + " | ".join(cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
         for method in [m for m in MARKERS if m in cells[name]]:
@@ -125,8 +134,11 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results.json files from mpsd evaluate")
     parser.add_argument("--out", type=Path, default=Path("docs/results.png"))
     args = parser.parse_args()
-    plot(load_points(args.results), args.out)
-    print(pivot_tables(args.results))
+    points = load_points(args.results)
+    if any(p["methods"] for p in points.values()):
+        plot(points, args.out)
+    for kind in ("bytes", "ratio"):
+        print(pivot_tables(args.results, kind))
 
 
 if __name__ == "__main__":
