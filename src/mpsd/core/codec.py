@@ -261,7 +261,7 @@ def encode_batch(
         )
     if not metrics:
         nan = np.full(b, np.nan)
-        return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=flat[:, :0])
+        return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=np.empty((b, 0)))
     return EncodedBatch(
         stages=encoded,
         entropy=entropy,
