@@ -10,7 +10,12 @@ replace it:
   latency-bound rotation chains of independent matrices overlap.  A matrix whose rotations have
   converged takes identity rotations, so every matrix gets exactly the arithmetic it would get
   alone: results do not depend on how a batch is split.
-* :func:`gram` — ``M Mᵀ`` or ``Mᵀ M`` of a batch of small matrices.
+* :func:`qr` — Householder QR of a batch of small tall matrices.
+* :func:`contract_cores`, :func:`decode_rounded` — contraction of a batch of MPS from both ends
+  (``decode_rounded`` also sums the stages and rounds each tensor into its image in the same pass).
+* :func:`gauge_quantize_int8` — gauge balancing and int8 quantisation of a batch of MPS.
+* :func:`fold_scaled`, :func:`pixel_squared_error`, :func:`unfold_rounded` — images to site
+  tensors and back in one pass each.
 
 Without numba (or with ``MPSD_NO_NUMBA=1`` in the environment) the same functions run on
 numpy/LAPACK.  Both paths agree to rounding (``tests/test_fastpath.py``).  numba is imported
