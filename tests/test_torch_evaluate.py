@@ -157,7 +157,7 @@ def test_mpsd_kd_arm_says_when_the_supplement_alone_is_over_the_budget(fm: Datas
     report = run_evaluation(fm, config)
     assert not report.runs
     (failure,) = report.failures
-    assert "supplement alone" in failure["reason"] and "bytes" in failure["reason"]
+    assert "supplement alone" in failure["reason"] and "no room" in failure["reason"]
 
 
 def test_store_arm_trains_from_a_store_through_store_dataset(fm: Dataset, tmp_path: Path) -> None:

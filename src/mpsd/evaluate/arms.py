@@ -304,8 +304,8 @@ def build_kd_arm(
         supp = int(add_supplement(path, dummy, bond=bonds).bytes_on_disk) - int(before)
         if limit - supp * 1.02 <= 0:
             raise OptionError(
-                f"mpsd-kd: the supplement alone (bonds {','.join(map(str, bonds))}) takes about {supp:,} bytes, "
-                f"more than the budget of {limit:,} bytes"
+                f"mpsd-kd: the supplement alone (bonds {','.join(map(str, bonds))}) takes about {supp:,} of the "
+                f"{limit:,} bytes of the budget: no room is left for the base store"
             )
         plan = [Budget("bytes", (limit - supp * 1.02) / budget.raw_bytes, budget.raw_bytes)]
     tries = 0
