@@ -241,6 +241,20 @@ def test_tampered_metadata_is_refused(tmp_path, cifar):
     assert any("damaged: zarr.json" in p for p in verify_store(path).problems)
 
 
+@pytest.mark.parametrize("metrics", [True, False])
+def test_encoded_chunk_waiting_for_the_writer_holds_no_float_reconstruction(cifar, metrics):
+    # an encoded chunk may wait for the previous one to be written: it must not keep the
+    # (B·M, pixels) float64 reconstruction alive, not even as the base of an empty view
+    from mpsd.api import _encode_images, plan_stages
+
+    layout = choose_layout(32, 32, 3)
+    specs = plan_stages(layout, bond="4,6,6,4", tol=None, ratio=None, residual_bonds=["2,2,2,2"])
+    batch, sq_error = _encode_images(cifar["x_train"][:64], layout, specs, "int8", 255, metrics)
+    assert batch.reconstruction.size == 0
+    assert batch.reconstruction.base is None or batch.reconstruction.base.nbytes == 0
+    assert sq_error.shape == (64,) and np.isfinite(sq_error).all() == metrics
+
+
 @pytest.mark.parametrize(
     "kw",
     [{"bond": "4,6,6,4"}, {"bond": "4,6,6,4", "residual_bonds": ["2,4,4,2"]}, {"tol": 0.05}, {"ratio": 0.2}],
