@@ -244,8 +244,8 @@ def contract_cores(cores: list[np.ndarray]) -> np.ndarray | None:
 def gauge_quantize_int8(cores: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray] | None:
     """Balance the gauge and quantise a batch of MPS to int8 in one compiled pass, or None.
 
-    Bit for bit ``[quantize(c, "int8") for c in codec.balance_gauge(cores)]``: the same
-    divisions, multiplications and rounding, per tensor while its cores are in cache.
+    Bit for bit ``[quantize(c, "int8") for c in codec.balance_gauge(cores)]`` for finite cores:
+    the same divisions, multiplications and rounding, per tensor while its cores are in cache.
 
     Returns
     -------

@@ -446,14 +446,8 @@ def contract_packed(packed, offsets, dims, ranks, split, out):  # pragma: no cov
 
 @njit(nogil=True, cache=True)
 def _contract_scratch(dims, ranks, split):  # pragma: no cover - compiled
-    # Scratch buffers of _contract_one for these shapes.
+    # Scratch buffers of _contract_one for these shapes (the largest left and right partial products).
     n = dims.shape[0]
-    rows_l = 1
-    for j in range(split):
-        rows_l *= dims[U(j)]
-    cols_r = 1
-    for j in range(split, n):
-        cols_r *= dims[U(j)]
     size_l = 0
     r = 1
     for j in range(split):
@@ -541,13 +535,13 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
                 out[U(img), U(k)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
 
 
-
 @njit(nogil=True, cache=True)
 def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - compiled
     # Per tensor t (row of packed, cores side by side at offsets[k] with sizes[k] entries):
     # balance the gauge (core k /= max|core k|, core k+1 *= it, for k < n-1), then store every
     # core as int8: scale = float32(max|x| / 127), q = clip(rint(x / scale), -127, 127).  Same
-    # operations, in the same order, as codec.balance_gauge followed by quantize.quantize.
+    # operations, in the same order, as codec.balance_gauge followed by quantize.quantize
+    # (for finite cores, which is all the TT-SVD of finite images produces).
     nb = packed.shape[0]
     n = offsets.shape[0]
     for t in range(nb):
