@@ -119,24 +119,36 @@ def test_selection_and_indexing(tmp_path, cifar):
         store[130]
 
 
-def test_decoding_one_image_reads_only_its_chunk(tmp_path, cifar, monkeypatch):
+@pytest.mark.parametrize("through_zarr", [False, True])
+def test_decoding_one_image_reads_only_its_chunk(tmp_path, cifar, monkeypatch, through_zarr):
     x = np.concatenate([cifar["x_train"]] * 3)  # 1,200 images, 10 chunks of 128
     mpsd.compress(x, tmp_path / "big.zarr", bond="4,6,6,4", chunk_images=128)
     store = mpsd.open(tmp_path / "big.zarr")
     expected = mpsd.compress(x[768:896], tmp_path / "one.zarr", bond="4,6,6,4")[9]
     from zarr.storage import LocalStore
 
+    from mpsd.archive.reader import Archive
+
+    if through_zarr:  # the general path, for stores written with other codecs
+        monkeypatch.setattr(Archive, "_direct_dtype", lambda self, name, arr: None)
     seen: list[str] = []
-    original = LocalStore.get
+    original_get, original_direct = LocalStore.get, Archive._read_chunk_direct
 
     async def spy(self, key, *args, **kwargs):
         seen.append(key)
-        return await original(self, key, *args, **kwargs)
+        return await original_get(self, key, *args, **kwargs)
+
+    def spy_direct(self, name, key, *args):
+        seen.append(key)
+        return original_direct(self, name, key, *args)
 
     monkeypatch.setattr(LocalStore, "get", spy)
+    monkeypatch.setattr(Archive, "_read_chunk_direct", spy_direct)
     np.testing.assert_array_equal(store[777], expected)
     chunk_reads = [k for k in seen if "/c/" in k and k.startswith("stage")]
     assert chunk_reads and all(k.split("/c/")[1].split("/")[0] == "6" for k in chunk_reads)
+    # one read per array of the chunk: 5 cores, their scales (the ranks are not needed)
+    assert sorted(k.split("/c/")[0] for k in chunk_reads) == sorted([f"stage0/core{k}" for k in range(5)] + ["stage0/scales"])
 
 
 # ---------------------------------------------------------------- whole or absent

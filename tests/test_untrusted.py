@@ -172,6 +172,31 @@ def test_chunk_rewritten_with_a_valid_checksum_is_caught_by_the_manifest(store_p
     assert not report.ok and any("damaged: stage0/core4/c/0" in p for p in report.problems)
 
 
+@pytest.mark.parametrize("content", ["bomb", "short", "not zstd"])
+def test_chunk_with_a_valid_checksum_but_the_wrong_content_is_a_corrupt_chunk(store_path, content):
+    """A zstd frame that inflates to 64 MB (or to too little, or is no frame at all), given a fresh
+    CRC-32C: refused as a corrupt chunk, and nothing of the claimed size is allocated."""
+    import resource
+
+    import google_crc32c
+    from numcodecs import Zstd
+
+    from mpsd.errors import CorruptChunkError
+
+    body = {
+        "bomb": Zstd(level=1).encode(np.zeros(64 * 2**20, dtype=np.uint8)),
+        "short": Zstd(level=1).encode(np.zeros(10, dtype=np.uint8)),
+        "not zstd": b"definitely not a zstd frame",
+    }[content]
+    body = bytes(body)
+    chunk = store_path / "stage0" / "core2" / "c" / "0" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(body + np.uint32(google_crc32c.value(body)).tobytes())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptChunkError, match="stage0/core2"):
+        mpsd.open(store_path)[0]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB: < 32 MB more
+
+
 def test_no_space_left_is_one_clean_error_and_keeps_the_old_store(tmp_path, cifar, monkeypatch):
     """A13: ENOSPC on the 20th write: clean StoreError, no temp left, previous store intact."""
     from zarr.storage import LocalStore
