@@ -90,8 +90,18 @@ def test_run_evaluation_every_arm_meets_its_budget(fm: Dataset, tmp_path: Path) 
         keep_stores=True,
     )
     events: list[str] = []
-    report = run_evaluation(fm, config, progress=lambda e, _i: events.append(e))
+    partials: list = []
+    report = run_evaluation(fm, config, progress=lambda e, _i: events.append(e), checkpoint=partials.append)
     runs = report.runs
+    # a partial report after every finished run (and after the arm that could not be built)
+    assert report.complete and not any(p.complete for p in partials)
+    counts = [len(p.runs) for p in partials]
+    assert counts == sorted(counts) and counts[-1] == len(runs)
+    assert sum(b > a for a, b in zip([0, *counts], counts, strict=False)) == len(runs)
+    assert len(partials) == len(runs) + len(report.failures)
+    assert partials[-1].runs == runs
+    assert markdown_table(partials[0].to_dict()).startswith("**Partial results: ")
+    assert not markdown_table(report.to_dict()).startswith("**Partial")
     assert report.environment["dataset"]["n_train"] == 270 and report.environment["dataset"]["n_val"] == 30
     for run in runs:
         assert run["meets_budget"], run["method"]
@@ -205,6 +215,34 @@ def test_cli_evaluate_prints_and_writes_the_table(tmp_path: Path, capsys: pytest
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     result = json.loads((out / "results.json").read_text())
     assert all(r["meets_budget"] for r in result["runs"])
+    assert result["complete"] is True and not (out / "results.md").read_text().startswith("**Partial")
+
+
+def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpsd.cli import main
+    from mpsd.integrations.torch import train
+
+    real_fit, calls = train.fit, []
+
+    def fit_then_stop(*args, **kwargs):  # the second model is interrupted (Ctrl-C)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fit_then_stop)
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(_npz(tmp_path)), "--methods", "original,random", "--budget", "0.3",
+              "--max-epochs", "1", "--out", str(out), "--device", "cpu", "--quiet"])  # fmt: skip
+    assert exc.value.code == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["complete"] is False
+    assert [r["method"] for r in result["runs"]] == ["original"]
+    assert (out / "results.md").read_text().startswith("**Partial results: 1 run(s) finished so far**")
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+    err = capsys.readouterr().err
+    assert "1 finished run(s) are in" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

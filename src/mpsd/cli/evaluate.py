@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,7 +73,7 @@ def command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: all available).")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for store arms.")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for results.json and results.md.")] = Path("mpsd-evaluate"),
+    out: Annotated[Path, typer.Option(help="Folder for results.json and results.md (rewritten after every finished run, marked partial until the end).")] = Path("mpsd-evaluate"),
     keep_stores: Annotated[Path | None, typer.Option(help="Keep the mpsd stores built for the arms in this folder.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -137,10 +138,23 @@ def command(
         keep_stores=keep_stores is not None,
     )
     dataset = load_dataset(data, test=test, n_train=n_train, n_test=n_test, seed=seed)
-    if quiet:
-        report = run_evaluation(dataset, config)
-    else:
-        report = _run_with_progress(dataset, config, run_evaluation)
+    finished = 0
+
+    def checkpoint(partial: Any) -> None:
+        # every finished run is on disk at once: a long evaluation that is stopped keeps them
+        nonlocal finished
+        write_report(partial.to_dict(), out)
+        finished = len(partial.runs)
+
+    try:
+        if quiet:
+            report = run_evaluation(dataset, config, checkpoint=checkpoint)
+        else:
+            report = _run_with_progress(dataset, config, run_evaluation, checkpoint)
+    except KeyboardInterrupt:
+        if finished:
+            print(f"mpsd: the {finished} finished run(s) are in {out / 'results.json'} (marked partial)", file=sys.stderr)
+        raise
     result = report.to_dict()
     json_path, md_path = write_report(result, out)
     _print_table(result)
@@ -149,7 +163,7 @@ def command(
     Console(stderr=True, highlight=False).print(f"results: {json_path}, {md_path} ({report.seconds:.0f} s)")
 
 
-def _run_with_progress(dataset: Any, config: Any, run: Any) -> Any:
+def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any) -> Any:
     from mpsd.cli._common import event_progress
 
     progress = event_progress()
@@ -173,7 +187,7 @@ def _run_with_progress(dataset: Any, config: Any, run: Any) -> Any:
             progress.console.print(f"[yellow]{info['method']} at {(info.get('budget') or {}).get('label', '')}: {info['reason']}[/]")
 
     with progress:
-        return run(dataset, config, progress=on_event)
+        return run(dataset, config, progress=on_event, checkpoint=checkpoint)
 
 
 def _print_table(result: dict[str, Any]) -> None:

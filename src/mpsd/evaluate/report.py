@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     ds = env["dataset"]
     recipe = env["recipe"]
     repeats = report["config"]["repeats"]
-    lines = [
+    lines = []
+    if report.get("complete") is False:
+        lines += [
+            f"**Partial results: {len(report['runs'])} run(s) finished so far** (the evaluation was still "
+            "running when this was written, or was stopped).",
+            "",
+        ]
+    lines += [
         f"Dataset `{ds['name']}`: {ds['n_train']} training images ({ds['n_val']} more held out for validation), "
         f"{ds['n_test']} test images, {ds['image_shape'][0]}×{ds['image_shape'][1]}×{ds['image_shape'][2]}; "
         f"model `{env['model']}`, recipe `{recipe['name']}` (≤ {recipe['max_epochs']} epochs, patience {recipe['patience']}), "
@@ -154,6 +162,16 @@ def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
     md_path = out / "results.md"
-    json_path.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_table(report), encoding="utf-8")
+    _replace_text(json_path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    _replace_text(md_path, markdown_table(report))
     return json_path, md_path
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then an atomic rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

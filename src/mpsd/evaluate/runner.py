@@ -261,6 +261,8 @@ class EvalReport:
         Versions, device, threads, dataset sizes, the recipe.
     config : dict
     seconds : float
+    complete : bool
+        False for the reports handed to ``checkpoint`` while the evaluation is still running.
     """
 
     runs: list[dict[str, Any]]
@@ -269,6 +271,7 @@ class EvalReport:
     environment: dict[str, Any]
     config: dict[str, Any]
     seconds: float
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -280,7 +283,13 @@ def _budgets(config: EvalConfig, raw_bytes: int) -> list[Budget]:
     return out
 
 
-def run_evaluation(data: Dataset, config: EvalConfig, *, progress: Progress | None = None) -> EvalReport:
+def run_evaluation(
+    data: Dataset,
+    config: EvalConfig,
+    *,
+    progress: Progress | None = None,
+    checkpoint: Callable[[EvalReport], None] | None = None,
+) -> EvalReport:
     """Train and test a classifier on every arm of ``config``; see the module docstring.
 
     Parameters
@@ -292,6 +301,9 @@ def run_evaluation(data: Dataset, config: EvalConfig, *, progress: Progress | No
         ``progress(event, info)``: ``"plan"`` (``runs``), ``"build"`` (``method``, ``budget``),
         ``"train"`` (``label``, ``epochs``), ``"epoch"`` (an epoch record), ``"run"`` (a finished
         run), ``"failure"``.
+    checkpoint : callable, optional
+        Called with the report so far (``complete=False``) after every finished run and every arm
+        that could not be built, so that a long evaluation that is stopped keeps what it finished.
 
     Returns
     -------
@@ -345,11 +357,38 @@ def run_evaluation(data: Dataset, config: EvalConfig, *, progress: Progress | No
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     cache: dict[tuple[str, str], Arm] = {}
+    environment = {
+        "mpsd_version": _mpsd_version(),
+        "torch_version": tt.torch_version(),
+        "device": str(device),
+        "threads": threads,
+        "dataset": {
+            "name": data.name, "n_train": int(n), "n_val": int(val_idx.size), "n_test": int(data.x_test.shape[0]),
+            "image_shape": [int(h), int(w), int(c)], "num_classes": num_classes, "raw_train_bytes": raw_bytes,
+        },
+        "model": model_name,
+        "recipe": recipe.to_dict(),
+        "workdir": str(workdir) if config.keep_stores or not own_workdir else None,
+    }  # fmt: skip
+
+    def report(complete: bool) -> EvalReport:
+        return EvalReport(
+            runs=list(runs),
+            failures=list(failures),
+            summary=summarise(runs),
+            environment=environment,
+            config=config.to_dict(),
+            seconds=time.perf_counter() - t_start,
+            complete=complete,
+        )
+
     try:
         def record_failure(method: str, budget: Budget | None, exc: Exception, first: bool) -> None:
             if first:
                 failures.append({"method": method, "budget": None if budget is None else budget.to_dict(), "reason": str(exc)})
                 emit("failure", failures[-1])
+                if checkpoint is not None:
+                    checkpoint(report(complete=False))
             log.info("%s at %s: %s", method, budget, exc)
 
         def train_arm(arm: Arm, seed: int) -> Any:
@@ -393,6 +432,8 @@ def run_evaluation(data: Dataset, config: EvalConfig, *, progress: Progress | No
                 }
                 runs.append(run)
                 emit("run", run)
+                if checkpoint is not None:
+                    checkpoint(report(complete=False))
             return model
 
         for r in range(config.repeats):
@@ -450,27 +491,7 @@ def run_evaluation(data: Dataset, config: EvalConfig, *, progress: Progress | No
         if own_workdir and not config.keep_stores:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    environment = {
-        "mpsd_version": _mpsd_version(),
-        "torch_version": tt.torch_version(),
-        "device": str(device),
-        "threads": threads,
-        "dataset": {
-            "name": data.name, "n_train": int(n), "n_val": int(val_idx.size), "n_test": int(data.x_test.shape[0]),
-            "image_shape": [int(h), int(w), int(c)], "num_classes": num_classes, "raw_train_bytes": raw_bytes,
-        },
-        "model": model_name,
-        "recipe": recipe.to_dict(),
-        "workdir": str(workdir) if config.keep_stores or not own_workdir else None,
-    }  # fmt: skip
-    return EvalReport(
-        runs=runs,
-        failures=failures,
-        summary=summarise(runs),
-        environment=environment,
-        config=config.to_dict(),
-        seconds=time.perf_counter() - t_start,
-    )
+    return report(complete=True)
 
 
 def _mpsd_version() -> str:
