@@ -245,6 +245,19 @@ def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: py
     assert "1 finished run(s) are in" in err and "Traceback" not in err
 
 
+def test_cli_evaluate_refuses_an_output_it_cannot_write_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mpsd.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "sample:fashion-mnist", "--out", str(blocker / "res"), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'res'}: cannot write the results there" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -137,6 +137,7 @@ def command(
         workdir=keep_stores,
         keep_stores=keep_stores is not None,
     )
+    _check_output_folder(out)  # before hours of training, not after
     dataset = load_dataset(data, test=test, n_train=n_train, n_test=n_test, seed=seed)
     finished = 0
 
@@ -161,6 +162,22 @@ def command(
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(f"results: {json_path}, {md_path} ({report.seconds:.0f} s)")
+
+
+def _check_output_folder(out: Path) -> None:
+    """Create ``out`` if needed and make sure files can be written there (a one-line error if not)."""
+    import os
+    import tempfile
+
+    from mpsd.errors import OptionError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mpsd-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OptionError(f"--out {out}: cannot write the results there ({exc.strerror or exc})") from None
 
 
 def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any) -> Any:
