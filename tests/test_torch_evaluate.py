@@ -244,6 +244,45 @@ def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "1 finished run(s) are in" in err and "Traceback" not in err
 
+    # --resume with other settings is refused, in one line, and changes nothing
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(_npz(tmp_path)), "--methods", "original,random", "--budget", "0.4",
+              "--max-epochs", "1", "--out", str(out), "--device", "cpu", "--quiet", "--resume"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot resume: the earlier run had other settings (budgets was [0.3], now [0.4])" in err
+    assert json.loads((out / "results.json").read_text()) == result
+
+    # --resume with the same settings trains only the missing runs and keeps the finished one
+    calls.clear()
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(_npz(tmp_path)), "--methods", "original,random", "--budget", "0.3",
+              "--max-epochs", "1", "--out", str(out), "--device", "cpu", "--quiet", "--resume"])  # fmt: skip
+    assert exc.value.code in (0, None)
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["complete"] is True
+    assert len(calls) == 2  # random, equal epochs and equal steps; not the original arm again
+    assert resumed["runs"][0] == result["runs"][0]
+    assert [(r["method"], r["protocol"]) for r in resumed["runs"]] == [
+        ("original", "equal-epochs"), ("random", "equal-epochs"), ("random", "equal-steps")]
+    assert resumed["seconds"] > result["seconds"]
+
+
+def test_resume_mismatch_names_what_changed(fm: Dataset) -> None:
+    from mpsd.evaluate import resume_mismatch
+
+    config = EvalConfig(methods=("original", "mpsd"), budgets=(0.2,), recipe_overrides=FAST)
+    env = {"dataset": {"name": "x", "n_train": 10}, "model": "small_cnn", "recipe": {"name": "cpu"}}
+    previous = json.loads(json.dumps({"config": config.to_dict(), "environment": env, "runs": []}))
+    assert resume_mismatch(previous, config, env) is None
+    # more repeats, another device or thread count: still the same evaluation
+    assert resume_mismatch(previous, EvalConfig(methods=("original", "mpsd"), budgets=(0.2,), recipe_overrides=FAST, repeats=3, threads=1), env) is None
+    other = EvalConfig(methods=("original", "mpsd"), budgets=(0.2,), recipe_overrides={**FAST, "max_epochs": 5})
+    assert "recipe_overrides" in (resume_mismatch(previous, other, env) or "")
+    assert "another dataset" in (resume_mismatch(previous, config, {**env, "dataset": {"name": "y", "n_train": 10}}) or "")
+    assert resume_mismatch({"runs": []}, config, env) == "not an mpsd evaluate report"
+
 
 def test_cli_evaluate_refuses_an_output_it_cannot_write_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mpsd.cli import main

@@ -75,6 +75,7 @@ def command(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for store arms.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for results.json and results.md (rewritten after every finished run, marked partial until the end).")] = Path("mpsd-evaluate"),
     keep_stores: Annotated[Path | None, typer.Option(help="Keep the mpsd stores built for the arms in this folder.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the stopped evaluation whose results are in --out: keep its finished runs, train only the missing ones (same settings and data required).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train the same classifier on each training set and report test accuracy.
@@ -138,8 +139,9 @@ def command(
         keep_stores=keep_stores is not None,
     )
     _check_output_folder(out)  # before hours of training, not after
+    previous = _previous_results(out) if resume else None
     dataset = load_dataset(data, test=test, n_train=n_train, n_test=n_test, seed=seed)
-    finished = 0
+    finished = len(previous.get("runs") or []) if previous is not None else 0
 
     def checkpoint(partial: Any) -> None:
         # every finished run is on disk at once: a long evaluation that is stopped keeps them
@@ -149,9 +151,9 @@ def command(
 
     try:
         if quiet:
-            report = run_evaluation(dataset, config, checkpoint=checkpoint)
+            report = run_evaluation(dataset, config, checkpoint=checkpoint, resume_from=previous)
         else:
-            report = _run_with_progress(dataset, config, run_evaluation, checkpoint)
+            report = _run_with_progress(dataset, config, run_evaluation, checkpoint, previous)
     except KeyboardInterrupt:
         if finished:
             print(f"mpsd: the {finished} finished run(s) are in {out / 'results.json'} (marked partial)", file=sys.stderr)
@@ -180,12 +182,40 @@ def _check_output_folder(out: Path) -> None:
         raise OptionError(f"--out {out}: cannot write the results there ({exc.strerror or exc})") from None
 
 
-def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any) -> Any:
+def _previous_results(out: Path) -> dict[str, Any] | None:
+    """The report in ``out/results.json`` to resume, or None when there is none yet."""
+    import json
+
+    from mpsd.errors import InputError
+
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot resume from it: {exc}") from None
+    if not isinstance(previous, dict):
+        raise InputError(f"{path}: cannot resume from it: not an mpsd evaluate report")
+    return previous
+
+
+def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any, previous: Any = None) -> Any:
     from mpsd.cli._common import event_progress
 
     progress = event_progress()
     overall = progress.add_task("models trained", total=_expected_runs(config), info="")
     current = progress.add_task("building arms", total=None, info="")
+
+    def drop_failed(method: str) -> None:
+        total = progress.tasks[overall].total or 0
+        drop = config.repeats * (2 if method in ("random", "kcenter") and config.equal_steps else 1)
+        progress.update(overall, total=max(0, total - drop))
+
+    if previous is not None:  # resuming: what the earlier run finished or could not build
+        progress.update(overall, completed=len(previous.get("runs") or []))
+        for failure in previous.get("failures") or []:
+            drop_failed(failure.get("method", ""))
 
     def on_event(event: str, info: dict[str, Any]) -> None:
         if event == "build":
@@ -198,13 +228,11 @@ def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any) -> 
             progress.update(overall, advance=1, info=f"last: {info['method']} {100 * info['test_acc']:.2f}%")
             progress.update(current, completed=progress.tasks[current].total or 0)
         elif event == "failure":
-            total = progress.tasks[overall].total or 0
-            drop = config.repeats * (2 if info["method"] in ("random", "kcenter") and config.equal_steps else 1)
-            progress.update(overall, total=max(0, total - drop))
+            drop_failed(info["method"])
             progress.console.print(f"[yellow]{info['method']} at {(info.get('budget') or {}).get('label', '')}: {info['reason']}[/]")
 
     with progress:
-        return run(dataset, config, progress=on_event, checkpoint=checkpoint)
+        return run(dataset, config, progress=on_event, checkpoint=checkpoint, resume_from=previous)
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from mpsd.evaluate.runner import (
     EvalConfig,
     EvalReport,
     load_dataset,
+    resume_mismatch,
     run_evaluation,
     torch_integration,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "markdown_table",
     "parse_fractions",
     "parse_methods",
+    "resume_mismatch",
     "run_evaluation",
     "split_indices",
     "summarise",

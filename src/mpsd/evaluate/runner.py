@@ -289,6 +289,7 @@ def run_evaluation(
     *,
     progress: Progress | None = None,
     checkpoint: Callable[[EvalReport], None] | None = None,
+    resume_from: EvalReport | dict[str, Any] | None = None,
 ) -> EvalReport:
     """Train and test a classifier on every arm of ``config``; see the module docstring.
 
@@ -304,6 +305,11 @@ def run_evaluation(
     checkpoint : callable, optional
         Called with the report so far (``complete=False``) after every finished run and every arm
         that could not be built, so that a long evaluation that is stopped keeps what it finished.
+    resume_from : EvalReport or dict, optional
+        A report of an earlier, stopped run of the same evaluation (``results.json``).  Its runs
+        are kept and not trained again; arms are rebuilt (deterministically, from the same seeds)
+        and only the missing runs are trained.  Raises :class:`~mpsd.errors.OptionError` when the
+        earlier report was made with different settings or data (see :func:`resume_mismatch`).
 
     Returns
     -------
@@ -356,6 +362,7 @@ def run_evaluation(
 
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    seconds_before = 0.0
     cache: dict[tuple[str, str], Arm] = {}
     environment = {
         "mpsd_version": _mpsd_version(),
@@ -371,6 +378,16 @@ def run_evaluation(
         "workdir": str(workdir) if config.keep_stores or not own_workdir else None,
     }  # fmt: skip
 
+    if resume_from is not None:
+        previous = resume_from.to_dict() if isinstance(resume_from, EvalReport) else resume_from
+        problem = resume_mismatch(previous, config, environment)
+        if problem is not None:
+            raise OptionError(f"cannot resume: {problem}")
+        runs.extend(previous.get("runs") or [])
+        failures.extend(previous.get("failures") or [])
+        seconds_before = float(previous.get("seconds") or 0.0)
+    done = {_run_key(run) for run in runs}
+
     def report(complete: bool) -> EvalReport:
         return EvalReport(
             runs=list(runs),
@@ -378,13 +395,15 @@ def run_evaluation(
             summary=summarise(runs),
             environment=environment,
             config=config.to_dict(),
-            seconds=time.perf_counter() - t_start,
+            seconds=seconds_before + time.perf_counter() - t_start,
             complete=complete,
         )
 
     try:
         def record_failure(method: str, budget: Budget | None, exc: Exception, first: bool) -> None:
-            if first:
+            label = None if budget is None else budget.label
+            known = any(f["method"] == method and (f.get("budget") or {}).get("label") == label for f in failures)
+            if first and not known:
                 failures.append({"method": method, "budget": None if budget is None else budget.to_dict(), "reason": str(exc)})
                 emit("failure", failures[-1])
                 if checkpoint is not None:
@@ -405,6 +424,8 @@ def run_evaluation(
                 protocols.append(("equal-steps", full_steps))
             model = None
             for protocol, spe in protocols:
+                if (arm.method, None if arm.budget is None else arm.budget.label, seed, protocol) in done:
+                    continue  # finished by the run this one resumes
                 label = f"{arm.method} {arm.budget_label} seed {seed}" + (f" ({protocol})" if arm.subset else "")
                 emit("train", {"label": label, "epochs": recipe.max_epochs})
                 seed_everything(seed)
@@ -492,6 +513,49 @@ def run_evaluation(
             shutil.rmtree(workdir, ignore_errors=True)
 
     return report(complete=True)
+
+
+def _run_key(run: dict[str, Any]) -> tuple[str, str | None, int, str]:
+    budget = run.get("budget")
+    return (run["method"], None if budget is None else budget.get("label"), int(run["seed"]), run["protocol"])
+
+
+#: Settings that may change between a stopped evaluation and the run that resumes it.
+RESUMABLE_CHANGES = frozenset({"repeats", "device", "threads", "workers", "workdir", "keep_stores"})
+
+
+def resume_mismatch(previous: dict[str, Any], config: EvalConfig, environment: dict[str, Any]) -> str | None:
+    """Why the report ``previous`` cannot be resumed with ``config`` on this data, or None.
+
+    Every setting of :class:`EvalConfig` must be the same except those in
+    :data:`RESUMABLE_CHANGES` (more repeats add seeds), and so must the dataset (name, sizes,
+    image shape), the model and the recipe.
+    """
+    old_config = previous.get("config")
+    old_env = previous.get("environment")
+    if not isinstance(old_config, dict) or not isinstance(old_env, dict) or not isinstance(previous.get("runs"), list):
+        return "not an mpsd evaluate report"
+    new_config = _jsonable_config(config.to_dict())
+    changed = sorted(
+        key for key in set(old_config) | set(new_config)
+        if key not in RESUMABLE_CHANGES and _jsonable_config(old_config.get(key)) != new_config.get(key)
+    )  # fmt: skip
+    if changed:
+        detail = ", ".join(f"{k} was {old_config.get(k)!r}, now {new_config.get(k)!r}" for k in changed)
+        return f"the earlier run had other settings ({detail})"
+    for key in ("dataset", "model", "recipe"):
+        if _jsonable_config(old_env.get(key)) != _jsonable_config(environment.get(key)):
+            return f"the earlier run had another {key} ({old_env.get(key)!r}, now {environment.get(key)!r})"
+    return None
+
+
+def _jsonable_config(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists), for comparing with a loaded report."""
+    import json
+
+    from mpsd.evaluate.report import _jsonable
+
+    return json.loads(json.dumps(_jsonable(value)))
 
 
 def _mpsd_version() -> str:
