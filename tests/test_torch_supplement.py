@@ -94,6 +94,27 @@ def test_learn_bias_lowers_heldout_kd_loss(teacher: torch.nn.Module, data: tuple
     assert result.shared is not None and result.shared.shape == (12, 12, 1)
 
 
+def test_learn_bias_keeps_its_best_epoch(teacher: torch.nn.Module, data: tuple[np.ndarray, np.ndarray], store: Path) -> None:
+    x, _ = data
+    approx = approx_of(store)
+    # steps far too large (100 pixels): the fit overshoots, and must give back its best epoch
+    result = learn_bias(teacher, x, approx, epochs=5, lr=100.0, batch_size=8, holdout=0.25, seed=0, refit_holdout=False)
+    stored = [h["stored_fit_loss"] for h in result.history]
+    assert result.best_epoch == int(np.argmin(stored))
+    assert 0 < result.best_epoch < 5 and stored[-1] > min(stored)  # the case this test is about
+    # measured afresh: the returned bias has the kept epoch's loss on the fit images, not the last one's
+    fit = np.setdiff1d(np.arange(len(x)), result.heldout_indices)
+    measured = kd_loss(teacher, x, approx + result.bias)[fit].mean()
+    assert measured == pytest.approx(min(stored), rel=1e-4)
+    assert result.heldout_final == result.history[result.best_epoch]["heldout_loss"]
+    # one epoch of 300-pixel steps is worse than no bias at all: no bias is what comes back
+    worse = learn_bias(teacher, x, approx, epochs=1, lr=300.0, batch_size=8, holdout=0.25, seed=0, refit_holdout=False)
+    assert worse.history[1]["stored_fit_loss"] > worse.history[0]["stored_fit_loss"]
+    assert worse.best_epoch == 0
+    np.testing.assert_array_equal(worse.bias, 0.0)
+    assert worse.final_loss == pytest.approx(worse.initial_loss, rel=1e-6)
+
+
 def test_learn_bias_options(teacher: torch.nn.Module, data: tuple[np.ndarray, np.ndarray], store: Path) -> None:
     x, y = data
     approx = approx_of(store)

@@ -79,8 +79,14 @@ class BiasResult:
         The shared part ``G`` (None when ``shared=False``).
     history : list of dict
         One entry per epoch of the fit (entry 0: at S̃ = 0) with ``epoch``, ``fit_loss`` (mean KD
-        loss over the fit images) and ``heldout_loss`` (mean KD loss over the held-out images,
-        which the fit never updates; NaN when there are none).
+        loss over the fit images during the epoch's pass), ``stored_fit_loss`` (mean KD loss over
+        the fit images with the bias as it stands after the epoch, projection included) and
+        ``heldout_loss`` (mean KD loss over the held-out images, which the fit never updates; NaN
+        when there are none).
+    best_epoch : int
+        The epoch whose bias is returned: the one with the lowest ``stored_fit_loss``, epoch 0 (no
+        bias at all) included, so a fit that gets worse (too large a step, a projection that
+        fights the gradient) gives back its best state, not its last.
     initial_loss : float
         Mean KD loss over all images at S̃ = 0.
     final_loss : float
@@ -100,6 +106,7 @@ class BiasResult:
     heldout_indices: np.ndarray
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    best_epoch: int = -1
 
     @property
     def heldout_initial(self) -> float:
@@ -108,8 +115,8 @@ class BiasResult:
 
     @property
     def heldout_final(self) -> float:
-        """Held-out KD loss after the fit (before the held-out images got their own bias)."""
-        return self.history[-1]["heldout_loss"] if self.history else math.nan
+        """Held-out KD loss with the kept epoch's bias (before the held-out images got their own)."""
+        return self.history[self.best_epoch]["heldout_loss"] if self.history else math.nan
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers (no arrays)."""
@@ -119,6 +126,7 @@ class BiasResult:
             "heldout_images": int(self.heldout_indices.size),
             "heldout_initial": self.heldout_initial,
             "heldout_final": self.heldout_final,
+            "best_epoch": self.best_epoch,
             "bias_rms": float(np.sqrt(np.mean(np.square(self.bias, dtype=np.float64)))) if self.bias.size else 0.0,
             "seconds": self.seconds,
             "history": self.history,
@@ -403,7 +411,11 @@ def learn_bias(
                 base = appr + (g if shared else 0.0)
                 d.copy_((base + d).clamp(0, max_value) - base)
 
-        history = [{"epoch": 0, "fit_loss": mean_kd(fit_idx), "heldout_loss": mean_kd(hold_idx)}]
+        start = mean_kd(fit_idx)
+        history = [{"epoch": 0, "fit_loss": start, "stored_fit_loss": start, "heldout_loss": mean_kd(hold_idx)}]
+        # the best state so far (epoch 0: no bias); restored after the fit if a later one was worse
+        best_epoch, best_loss = 0, start
+        best_g, best_d = g.detach().clone(), d.clone()
         initial_loss = mean_kd(np.arange(n))
         if progress is not None:
             steps = math.ceil(fit_idx.size / batch_size) * epochs
@@ -413,11 +425,22 @@ def learn_bias(
         for epoch in range(1, epochs + 1):
             fit_loss = run_epoch(fit_idx, update_shared=True)
             apply_projection()
-            entry = {"epoch": epoch, "fit_loss": fit_loss, "heldout_loss": mean_kd(hold_idx)}
+            stored = mean_kd(fit_idx)
+            entry = {"epoch": epoch, "fit_loss": fit_loss, "stored_fit_loss": stored, "heldout_loss": mean_kd(hold_idx)}
             history.append(entry)
+            if stored < best_loss or (math.isnan(best_loss) and not math.isnan(stored)):
+                best_epoch, best_loss = epoch, stored
+                best_g.copy_(g.detach())
+                best_d.copy_(d)
             log.debug("supplement epoch %d: %s", epoch, entry)
             if progress is not None:
                 progress("epoch", dict(entry))
+        if best_epoch != epochs:
+            log.info("supplement: keeping epoch %d of %d (lowest KD loss on the fit images)", best_epoch, epochs)
+            with torch.no_grad():
+                g.copy_(best_g)
+                d.copy_(best_d)
+        del best_g, best_d
         if refit_holdout and hold_idx.size:
             for _ in range(epochs):
                 run_epoch(hold_idx, update_shared=False)
@@ -436,6 +459,7 @@ def learn_bias(
         heldout_indices=hold_idx,
         seconds=time.perf_counter() - t_start,
         settings=settings,
+        best_epoch=best_epoch,
     )
 
 
