@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,20 +157,15 @@ def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     -------
     (json_path, markdown_path)
     """
+    # each file whole or not at all: a temporary file beside it, then a rename
+    from mpsd.archive.export import _write_atomic
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
     md_path = out / "results.md"
-    _replace_text(json_path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
-    _replace_text(md_path, markdown_table(report))
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+    _write_atomic(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    table = markdown_table(report)
+    _write_atomic(md_path, lambda tmp: tmp.write_text(table, encoding="utf-8"))
     return json_path, md_path
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

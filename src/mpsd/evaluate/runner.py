@@ -424,7 +424,7 @@ def run_evaluation(
                 protocols.append(("equal-steps", full_steps))
             model = None
             for protocol, spe in protocols:
-                if (arm.method, None if arm.budget is None else arm.budget.label, seed, protocol) in done:
+                if _run_key({**arm.describe(), "seed": seed, "protocol": protocol}) in done:
                     continue  # finished by the run this one resumes
                 label = f"{arm.method} {arm.budget_label} seed {seed}" + (f" ({protocol})" if arm.subset else "")
                 emit("train", {"label": label, "epochs": recipe.max_epochs})
