@@ -6,8 +6,8 @@ Usage::
 
 It also prints, per dataset, a markdown table of accuracy by method and byte budget.
 
-Every ``results.json`` given is read; runs are grouped by dataset (one panel each) and by method
-(one line each).  Only byte budgets are plotted (parameter-ratio budgets have no common x axis
+Every ``results.json`` given is read; runs are grouped by dataset and training-set size (one
+panel each) and by method (one line each); where files overlap, the row with more repeats wins (on a tie, the later file).  Only byte budgets are plotted (parameter-ratio budgets have no common x axis
 with the codecs).  x is the whole arm's bytes on disk divided by the number of training images of
 the full set, so coresets (fewer images, same total bytes) sit at their real budget.  Error bars
 are the standard deviation over repeats where there are several.  The original training set is a
@@ -23,79 +23,104 @@ from pathlib import Path
 
 MARKERS = {"mpsd": "o", "mpsd-kd": "D", "ice": "s", "svd": "^", "cp": "v", "tucker": "<", "random": "x",
            "kcenter": "+", "jpeg": "P", "webp": "*"}  # fmt: skip
+#: One colour per method (matplotlib's tab10, in the order of MARKERS), the same in every panel.
+COLOURS = {method: f"C{i}" for i, method in enumerate(MARKERS)}
+
+
+def panel_name(data: dict) -> str:
+    """``"cifar10, 3,600 training images"``: results of one dataset at one training-set size."""
+    env = data["environment"]["dataset"]
+    return f"{Path(env['name']).stem}, {int(env['n_train']):,} training images"
+
+
+def collect(paths: list[Path]) -> dict[str, dict]:
+    """Summary rows of every file, one per panel, method and budget.
+
+    Returns ``{panel: {"n_train": int, "rows": {(method, budget_label): row}, "failures":
+    {(method, label, kind, fraction): reason}}}``.  A panel is one dataset at one training-set
+    size (see :func:`panel_name`): a 2,000-image subset and the full set of the same dataset are
+    not one curve.  Where several files measured the same method at the same budget (a
+    parameter-ratio run that also ran one byte budget, say), the row with the most repeats is
+    kept, and on a tie the file given last (a re-run listed after the run it replaces): rows are
+    never averaged across files.
+    """
+    out: dict[str, dict] = defaultdict(lambda: {"n_train": None, "rows": {}, "failures": {}})
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        panel = out[panel_name(data)]
+        panel["n_train"] = int(data["environment"]["dataset"]["n_train"])
+        for row in data["summary"]:
+            key = (row["method"], str(row["budget"]))
+            kept = panel["rows"].get(key)
+            if kept is None or row["repeats"] >= kept["repeats"]:
+                panel["rows"][key] = row
+        for fail in data.get("failures", []):
+            b = fail.get("budget") or {}
+            if b.get("kind") in ("bytes", "ratio"):
+                label = f"{round(100 * b['fraction'])}% bytes" if b["kind"] == "bytes" else f"ρ={b['fraction']:g}"
+                panel["failures"].setdefault((fail["method"], label, b["kind"], b["fraction"]), fail.get("reason", ""))
+    return out
 
 
 def load_points(paths: list[Path]) -> dict[str, dict]:
-    """``{dataset: {"original": (bytes/img, acc), "methods": {method: [(bytes/img, acc, std)]}}}``."""
-    out: dict[str, dict] = defaultdict(lambda: {"original": None, "methods": defaultdict(list), "n_train": None})
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        env = data["environment"]["dataset"]
-        name = Path(env["name"]).stem
-        n_train = int(env["n_train"])
-        panel = out[name]
-        panel["n_train"] = n_train
-        for row in data["summary"]:
-            if row["method"] == "original":
-                panel["original"] = (row["bytes_on_disk"] / row["n_images"], 100 * row["acc_mean"])
-                continue
-            if not str(row["budget"]).endswith("bytes"):
-                continue
-            point = (row["bytes_on_disk"] / n_train, 100 * row["acc_mean"], 100 * (row["acc_std"] or 0.0))
-            panel["methods"][row["method"]].append(point)
+    """``{panel: {"original": (bytes/img, acc), "methods": {method: [(bytes/img, acc, std)]}, "n_train": n}}``."""
+    out: dict[str, dict] = {}
+    for name, panel in collect(paths).items():
+        n_train = panel["n_train"]
+        points: dict = {"original": None, "methods": defaultdict(list), "n_train": n_train}
+        for (method, budget), row in panel["rows"].items():
+            if method == "original":
+                points["original"] = (row["bytes_on_disk"] / row["n_images"], 100 * row["acc_mean"])
+            elif budget.endswith("bytes"):
+                acc, std = 100 * row["acc_mean"], 100 * (row["acc_std"] or 0.0)
+                points["methods"][method].append((row["bytes_on_disk"] / n_train, acc, std))
+        out[name] = points
     return out
 
 
 def pivot_tables(paths: list[Path], kind: str = "bytes") -> str:
-    """Markdown: per dataset, test accuracy of every method (rows) at every budget (columns).
+    """Markdown: per panel, test accuracy of every method (rows) at every budget (columns).
 
     ``kind`` is ``"bytes"`` (budgets as fractions of the raw bytes) or ``"ratio"`` (the paper's
     parameter ratio ρ).  Cells are ``acc`` (mean over repeats, ``± std`` when there are several)
     with the arm's actual byte ratio (bytes) or parameter and byte ratios (ratio); coresets add
     their equal-steps accuracy; arms that could not meet a budget say so.
     """
-    cells: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    budgets: dict[str, dict[str, float]] = defaultdict(dict)
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        name = Path(data["environment"]["dataset"]["name"]).stem
-        for row in data["summary"]:
-            budget = str(row["budget"])
+    out = []
+    what = "actual byte ratio" if kind == "bytes" else "actual parameter and byte ratios"
+    for name, panel in sorted(collect(paths).items()):
+        cells: dict[str, dict[str, str]] = defaultdict(dict)
+        budgets: dict[str, float] = {}
+        orig = "not run"
+        for (method, budget), row in panel["rows"].items():
             acc = f"{100 * row['acc_mean']:.1f}"
             if row["repeats"] > 1:
                 acc += f" ± {100 * row['acc_std']:.1f}"
-            if row["method"] == "original":
-                cells[name]["original"]["—"] = acc
+            if method == "original":
+                orig = acc
                 continue
             if budget.endswith("bytes") != (kind == "bytes"):
                 continue
-            budgets[name][budget] = float(budget.split("%")[0]) / 100 if kind == "bytes" else float(budget[2:])
+            budgets[budget] = float(budget.split("%")[0]) / 100 if kind == "bytes" else float(budget[2:])
             if kind == "bytes":
                 extra = f" ({row['byte_ratio']:.2f})" if row.get("byte_ratio") is not None else ""
             else:
                 extra = f" (ρ {row['param_ratio']:.2f}, bytes {row['byte_ratio']:.2f})"
             if row.get("acc_steps_mean") is not None:
                 extra += f", steps {100 * row['acc_steps_mean']:.1f}"
-            cells[name][row["method"]][budget] = acc + extra
-        for fail in data.get("failures", []):
-            b = fail.get("budget") or {}
-            if b.get("kind") == kind:
-                label = f"{round(100 * b['fraction'])}% bytes" if kind == "bytes" else f"ρ={b['fraction']:g}"
-                budgets[name][label] = b["fraction"]
-                note = "n/a" if "no parameter ratio" in fail.get("reason", "") else "over budget"
-                cells[name][fail["method"]].setdefault(label, note)
-    out = []
-    what = "actual byte ratio" if kind == "bytes" else "actual parameter and byte ratios"
-    for name in sorted(cells):
-        if not budgets[name]:
+            cells[method][budget] = acc + extra
+        for (method, label, fkind, fraction), reason in panel["failures"].items():
+            if fkind == kind:
+                budgets[label] = fraction
+                cells[method].setdefault(label, "n/a" if "no parameter ratio" in reason else "over budget")
+        if not budgets:
             continue
-        cols = sorted(budgets[name], key=budgets[name].__getitem__)
-        orig = cells[name].get("original", {}).get("—", "not run")
+        cols = sorted(budgets, key=budgets.__getitem__)
         out.append(f"\n**{name}** — test accuracy (%), {what} in brackets; original training set: {orig}\n")
         out.append("| method | " + " | ".join(cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
-        for method in [m for m in MARKERS if m in cells[name]]:
-            out.append(f"| {method} | " + " | ".join(cells[name][method].get(c, "—") for c in cols) + " |")
+        for method in [m for m in MARKERS if m in cells]:
+            out.append(f"| {method} | " + " | ".join(cells[method].get(c, "—") for c in cols) + " |")
     return "\n".join(out)
 
 
@@ -106,14 +131,19 @@ def plot(points: dict[str, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted(points)
-    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(2, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
         panel = points[name]
         for method in sorted(panel["methods"], key=lambda m: (m != "mpsd", m != "mpsd-kd", m)):
             pts = sorted(set(panel["methods"][method]))
             xs, ys, es = zip(*pts, strict=True)
             bold = method in ("mpsd", "mpsd-kd")
             ax.errorbar(xs, ys, yerr=es if any(es) else None, marker=MARKERS.get(method, "."), label=method,
+                        color=COLOURS.get(method),
                         linewidth=2.2 if bold else 1.0, markersize=7 if bold else 5, capsize=2)  # fmt: skip
         if panel["original"] is not None:
             raw, acc = panel["original"]
@@ -121,7 +151,7 @@ def plot(points: dict[str, dict], out: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("bytes on disk per training image (whole arm / full training set size)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{name}: {panel['n_train']:,} training images, small CNN")
+        ax.set_title(f"{name}, small CNN")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
