@@ -46,6 +46,24 @@ def test_models_accept_grey_28_and_rgb_32(name: str, channels: int, size: int) -
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_are_channels_last_and_agree_with_nchw(name: str) -> None:
+    """build_model's weights are channels-last; the same weights in NCHW give the same outputs."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, 10, 32, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2]).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    reference = build_model(name, 3, 10, 32, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    reference = reference.to(memory_format=torch.contiguous_format).eval()
+    reference.load_state_dict(model.state_dict())
+    assert all(m.weight.is_contiguous() for m in reference.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        out, expected = model(x), reference(x)
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_model_names_and_errors() -> None:
     assert canonical_model_name("ResNet-18") == "resnet18"
     assert canonical_model_name("small-cnn") == "small_cnn"

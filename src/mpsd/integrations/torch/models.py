@@ -274,7 +274,8 @@ def build_model(
     Returns
     -------
     torch.nn.Module
-        Maps ``(B, C, H, W)`` float32 in ``[0, 1]`` to logits ``(B, num_classes)``.
+        Maps ``(B, C, H, W)`` float32 in ``[0, 1]`` to logits ``(B, num_classes)``.  Its
+        convolution weights are in ``torch.channels_last`` memory format (faster on CPU).
 
     Examples
     --------
@@ -305,7 +306,11 @@ def build_model(
         if len(mean) != in_channels:
             raise OptionError(f"mean has {len(mean)} values for {in_channels} channels")
         net = nn.Sequential(Normalize(mean, std), net)
-    return net
+    # Channels-last weights: the convolutions then run in NHWC (inputs may stay NCHW; the first
+    # convolution's output follows the weights).  Same results up to rounding, and on CPU one
+    # training step is 1.5x faster for small_cnn and mobilenetv2, 1.1x for resnet18 and vgg16
+    # (2026-11-25, 2-core development machine, torch 2.13 CPU).
+    return net.to(memory_format=torch.channels_last)
 
 
 def count_parameters(model: nn.Module) -> int:
