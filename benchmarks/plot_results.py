@@ -64,11 +64,11 @@ def collect(paths: list[Path]) -> dict[str, dict]:
 
 
 def load_points(paths: list[Path]) -> dict[str, dict]:
-    """``{panel: {"original": (bytes/img, acc), "methods": {method: [(bytes/img, acc, std)]}, "n_train": n}}``."""
+    """``{panel: {"original": (bytes/img, acc), "methods": {method: [(bytes/img, acc, std)]}}}``."""
     out: dict[str, dict] = {}
     for name, panel in collect(paths).items():
         n_train = panel["n_train"]
-        points: dict = {"original": None, "methods": defaultdict(list), "n_train": n_train}
+        points: dict = {"original": None, "methods": defaultdict(list)}
         for (method, budget), row in panel["rows"].items():
             if method == "original":
                 points["original"] = (row["bytes_on_disk"] / row["n_images"], 100 * row["acc_mean"])
