@@ -11,13 +11,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mpsd.core.layout import SiteLayout
+from mpsd.core.packing import bond_ranks, pack_core, unpack_core
 from mpsd.core.quantize import STORAGE_DTYPES
 from mpsd.core.ttsvd import exact_ranks
 from mpsd.errors import StoreError
 
 FORMAT_NAME = "mpsd"
-FORMAT_VERSION = 1
+#: Version written.  2: cores row-packed by each tensor's own ranks; 1: cores zero-padded to the
+#: storage bonds (read, never written).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "mpsd-manifest.json"
 ATTRS_KEY = "mpsd"
 
@@ -62,6 +68,7 @@ class StoreMeta:
     has_names: bool = False
     has_metrics: bool = True
     source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     @property
     def max_value(self) -> int:
@@ -71,10 +78,22 @@ class StoreMeta:
     def mps_per_image(self) -> int:
         return self.layout.mps_per_image
 
+    @property
+    def packed(self) -> bool:
+        """Whether cores are row-packed (format 2) rather than zero-padded (format 1)."""
+        return self.format_version >= 2
+
+    def core_shape(self, stage: int, k: int) -> tuple[int, ...]:
+        """Shape of the array ``stage{stage}/core{k}`` (see ``docs/format.md``)."""
+        bonds = (1, *self.stages[stage].bonds, 1)
+        d = self.layout.sites[k]
+        per_mps = (bonds[k] * d * bonds[k + 1],) if self.packed else (bonds[k], d, bonds[k + 1])
+        return (self.n_images, self.mps_per_image, *per_mps)
+
     def to_attrs(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "n_images": self.n_images,
             "image": {
                 "height": self.layout.height,
@@ -130,8 +149,11 @@ def parse_metadata(attrs: Any, where: str) -> StoreMeta:
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
         raise StoreError(f"{where}: not an mpsd store (no 'mpsd' format attribute)")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{where}: store format version {version!r} is not supported (this mpsd reads {FORMAT_VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise StoreError(
+            f"{where}: store format version {version!r} is not supported "
+            f"(this mpsd reads {', '.join(map(str, READABLE_VERSIONS))})"
+        )
     image = attrs.get("image")
     layout_d = attrs.get("layout")
     if not isinstance(image, dict) or not isinstance(layout_d, dict):
@@ -190,4 +212,70 @@ def parse_metadata(attrs: Any, where: str) -> StoreMeta:
         has_names=bool(attrs.get("has_names")),
         has_metrics=bool(attrs.get("has_metrics", True)),
         source=attrs.get("source") if isinstance(attrs.get("source"), dict) else {},
+        format_version=version,
     )
+
+
+def stored_cores(meta: StoreMeta, stage: int, cores: list[np.ndarray], ranks: np.ndarray) -> list[np.ndarray]:
+    """The cores of one stage of a batch as the store keeps them.
+
+    Parameters
+    ----------
+    meta : StoreMeta
+    stage : int
+        Index of the stage.
+    cores : list of ndarray
+        Core k of shape (T, R_{k-1}, d_k, R_k) in the storage dtype, zero-padded to the batch's
+        largest ranks (T = images · MPS per image).
+    ranks : ndarray of shape (T, n−1)
+        The ranks each tensor uses.
+
+    Returns
+    -------
+    list of ndarray
+        Core k as (T, *meta.core_shape(stage, k)[2:]): row-packed (format 2) or zero-padded to the
+        storage bonds (format 1).
+    """
+    full = bond_ranks(ranks)
+    out = []
+    for k, core in enumerate(cores):
+        core = np.asarray(core).astype(meta.storage_dtype, copy=False)
+        shape = meta.core_shape(stage, k)[2:]
+        if meta.packed:
+            out.append(pack_core(core, full[:, k], full[:, k + 1], shape[0]))
+        elif core.shape[1:] == shape:
+            out.append(np.ascontiguousarray(core))
+        else:
+            padded = np.zeros((core.shape[0], *shape), dtype=core.dtype)
+            padded[:, : core.shape[1], :, : core.shape[3]] = core
+            out.append(padded)
+    return out
+
+
+def cores_from_storage(meta: StoreMeta, stage: int, stored: list[np.ndarray], ranks: np.ndarray | None, where: str) -> list[np.ndarray]:
+    """Inverse of :func:`stored_cores`: zero-padded cores (T, R_{k-1}, d_k, R_k) to contract.
+
+    For format 2 the cores are padded to the largest ranks among these T tensors (not to the
+    storage bonds), so that a chunk of low-rank tensors is contracted at its own size.
+
+    Raises
+    ------
+    StoreError
+        When a rank is outside 1..storage bond (format 2 needs ``ranks``).
+    """
+    t = stored[0].shape[0] if stored else 0
+    if not meta.packed:
+        return [s.reshape(t, *meta.core_shape(stage, k)[2:]) for k, s in enumerate(stored)]
+    if ranks is None:
+        raise StoreError(f"{where}: stage {stage} needs its ranks to unpack its cores")
+    ranks = np.asarray(ranks, dtype=np.int64).reshape(t, -1)
+    bonds = np.asarray(meta.stages[stage].bonds, dtype=np.int64)
+    if ranks.shape[1] != bonds.size or (t and ((ranks < 1).any() or (ranks > bonds).any())):
+        raise StoreError(f"{where}: stage {stage} has ranks outside 1..{list(bonds)}")
+    full = bond_ranks(ranks)
+    top = full.max(axis=0) if t else np.ones(bonds.size + 2, dtype=np.int64)
+    sites = meta.layout.sites
+    return [
+        unpack_core(s.reshape(t, -1), full[:, k], full[:, k + 1], int(top[k]), sites[k], int(top[k + 1]))
+        for k, s in enumerate(stored)
+    ]

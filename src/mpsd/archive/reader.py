@@ -19,6 +19,7 @@ from mpsd.archive.format import (
     MANIFEST_NAME,
     MAX_CHUNK_ELEMENTS,
     StoreMeta,
+    cores_from_storage,
     parse_metadata,
 )
 from mpsd.core import _kernels
@@ -132,10 +133,9 @@ class Archive:
         n, m = meta.n_images, meta.mps_per_image
         sites = meta.layout.sites
         shapes: dict[str, tuple[int, ...]] = {}
-        for i, stage in enumerate(meta.stages):
-            bonds = (1, *stage.bonds, 1)
-            for k, d in enumerate(sites):
-                shapes[f"stage{i}/core{k}"] = (n, m, bonds[k], d, bonds[k + 1])
+        for i in range(len(meta.stages)):
+            for k in range(len(sites)):
+                shapes[f"stage{i}/core{k}"] = meta.core_shape(i, k)
             if meta.storage_dtype == "int8":
                 shapes[f"stage{i}/scales"] = (n, m, len(sites))
             shapes[f"stage{i}/ranks"] = (n, m, len(sites) - 1)
@@ -353,7 +353,9 @@ class Archive:
     def _read_stages(self, start: int, stop: int) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
         """Stored cores and scales of images start:stop inside one chunk, checked, per stage.
 
-        Core k of a stage has shape (B·M, R_{k-1}, d_k, R_k) (stored dtype), scales (B·M, n).
+        Core k of a stage has shape (B·M, R_{k-1}, d_k, R_k) (stored dtype, zero-padded: to the
+        storage bonds for format 1, to the largest ranks of these images for format 2), scales
+        (B·M, n).
         """
         meta = self.meta
         stages = []
@@ -365,15 +367,16 @@ class Archive:
             names += [f"stage{i}/core{k}" for k in range(n_sites)]
             if meta.storage_dtype == "int8":
                 names.append(f"stage{i}/scales")
+            if meta.packed:
+                names.append(f"stage{i}/ranks")
         values = iter(self._read_rows_many(names, start, stop))
         for i in range(len(meta.stages)):
-            cores = []
-            for _k in range(n_sites):
-                c = next(values)
-                cores.append(c.reshape(n_rows * m, *c.shape[2:]))
-            scales = None
-            if meta.storage_dtype == "int8":
-                scales = next(values).reshape(n_rows * m, -1)
+            stored = [next(values).reshape(n_rows * m, -1) for _k in range(n_sites)]
+            scales = next(values) if meta.storage_dtype == "int8" else None
+            ranks = next(values) if meta.packed else None
+            cores = cores_from_storage(meta, i, stored, ranks, f"{self.path}: images {start}..{stop - 1}")
+            if scales is not None:
+                scales = scales.reshape(n_rows * m, -1)
                 if not np.isfinite(scales).all():
                     raise StoreError(f"{self.path}: stage {i} has non-finite scales for images {start}..{stop - 1}")
             else:

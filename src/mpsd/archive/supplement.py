@@ -11,6 +11,7 @@ a crash leaves the previous store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpsd.archive.codecs import array_codecs
-from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, StageMeta
+from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, StageMeta, stored_cores
 from mpsd.archive.reader import Archive
 from mpsd.archive.writer import _Lock, recover, swap_into_place, write_manifest
 from mpsd.core.codec import StageSpec, encode_batch
@@ -99,7 +100,7 @@ def add_supplement(
             StageMeta(role="supplement", bonds=bonds, spec={"bonds": list(bonds), **(settings or {})}).to_dict()
         ]
         root_meta_path.write_text(json.dumps(root_meta, indent=2))
-        write_manifest(tmp, n)
+        write_manifest(tmp, n, version=meta.format_version)
         swap_into_place(tmp, path)
     except OSError as exc:
         raise StoreError(f"{path}: writing the supplement failed: {exc.strerror or exc}") from exc
@@ -120,10 +121,11 @@ def _write_stage(
     import zarr
     from zarr.storage import LocalStore
 
-    meta = archive.meta
+    old = archive.meta
+    # the store's metadata with the new stage in place: the shapes and packing of its cores
+    meta = dataclasses.replace(old, stages=[*old.stages[:index], StageMeta(role="supplement", bonds=bonds)])
     n, m = len(archive), meta.mps_per_image
     sites = meta.layout.sites
-    full = (1, *bonds, 1)
     group = zarr.open_group(LocalStore(root), mode="r+", zarr_format=3)
     ch = meta.chunk_images
     codecs = array_codecs()
@@ -134,7 +136,7 @@ def _write_stage(
             fill_value=0, config={"write_empty_chunks": True}, **codecs,
         )
 
-    cores = [make(f"stage{index}/core{k}", (n, m, full[k], d, full[k + 1]), meta.storage_dtype) for k, d in enumerate(sites)]
+    cores = [make(f"stage{index}/core{k}", meta.core_shape(index, k), meta.storage_dtype) for k in range(len(sites))]
     scales = make(f"stage{index}/scales", (n, m, len(sites)), "float32") if meta.storage_dtype == "int8" else None
     ranks = make(f"stage{index}/ranks", (n, m, len(sites) - 1), "uint16")
     local = make(f"stage{index}/local_error", (n, m, len(sites) - 1), "float32") if meta.has_metrics else None
@@ -144,10 +146,8 @@ def _write_stage(
         b = stop - start
         tensors = meta.layout.to_sites(bias[start:stop]) / meta.max_value
         stage = encode_batch(tensors, spec, dtype=meta.storage_dtype).stages[0]
-        for k, core in enumerate(stage.cores):
-            padded = np.zeros((b * m, full[k], sites[k], full[k + 1]), dtype=core.dtype)
-            padded[:, : core.shape[1], :, : core.shape[3]] = core
-            cores[k][start:stop] = padded.reshape(b, m, *padded.shape[1:])
+        for k, rows in enumerate(stored_cores(meta, index, stage.cores, stage.ranks)):
+            cores[k][start:stop] = rows.reshape(b, m, *rows.shape[1:])
         if scales is not None:
             scales[start:stop] = stage.scales.reshape(b, m, -1)  # type: ignore[union-attr]
         ranks[start:stop] = stage.ranks.astype(np.uint16).reshape(b, m, -1)

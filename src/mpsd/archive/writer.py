@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from mpsd.archive.codecs import array_codecs
-from mpsd.archive.format import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, StoreMeta
+from mpsd.archive.format import (
+    ATTRS_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    StoreMeta,
+    stored_cores,
+)
 from mpsd.core.codec import EncodedBatch
 from mpsd.errors import OptionError, StoreError, StoreLockedError
 
@@ -108,8 +115,11 @@ def hash_tree(root: Path) -> dict[str, str]:
     return dict(sorted(digests.items()))
 
 
-def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = None) -> None:
-    """Hash every file of ``root``, fsync them, and write the manifest last (committing the store)."""
+def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = None, *, version: int = FORMAT_VERSION) -> None:
+    """Hash every file of ``root``, fsync them, and write the manifest last (committing the store).
+
+    ``version`` is the store's format version (an older store keeps its own when a supplement is added).
+    """
     files = hash_tree(root)
     # fsync every file before the manifest exists.  Many fsyncs in flight at once cost about as
     # much as one (the filesystem commits them together): ~0.1 ms a file instead of ~4 ms.
@@ -118,7 +128,7 @@ def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = Non
             pass
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "n_committed": n_images,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
@@ -309,10 +319,9 @@ class StoreWriter:
                 **codecs,
             )
 
-        for i, stage in enumerate(meta.stages):
-            bonds = (1, *stage.bonds, 1)
+        for i in range(len(meta.stages)):
             for k in range(n_sites):
-                make(f"stage{i}/core{k}", (n, m, bonds[k], sites[k], bonds[k + 1]), meta.storage_dtype)
+                make(f"stage{i}/core{k}", meta.core_shape(i, k), meta.storage_dtype)
             if meta.storage_dtype == "int8":
                 make(f"stage{i}/scales", (n, m, n_sites), "float32")
             make(f"stage{i}/ranks", (n, m, n_sites - 1), "uint16")
@@ -349,15 +358,8 @@ class StoreWriter:
             writes.append((a[name], value.reshape(n_img, m, *value.shape[1:]) if value.shape[0] == n_img * m else value))
 
         for i, stage in enumerate(batch.stages):
-            for k, core in enumerate(stage.cores):
-                target = a[f"stage{i}/core{k}"]
-                r0, r1 = core.shape[1], core.shape[3]
-                if (r0, r1) == (target.shape[2], target.shape[4]):
-                    full = np.ascontiguousarray(core, dtype=target.dtype)
-                else:
-                    full = np.zeros((n_img * m, *target.shape[2:]), dtype=target.dtype)
-                    full[:, :r0, :, :r1] = core
-                put(f"stage{i}/core{k}", full)
+            for k, rows in enumerate(stored_cores(self.meta, i, stage.cores, stage.ranks)):
+                put(f"stage{i}/core{k}", rows)
             if stage.scales is not None:
                 put(f"stage{i}/scales", stage.scales.astype(np.float32))
             put(f"stage{i}/ranks", stage.ranks.astype(np.uint16))

@@ -16,6 +16,8 @@ replace it:
 * :func:`gauge_quantize_int8` — gauge balancing and int8 quantisation of a batch of MPS.
 * :func:`fold_scaled`, :func:`pixel_squared_error`, :func:`unfold_rounded` — images to site
   tensors and back in one pass each.
+* :func:`pack_rows`, :func:`unpack_rows` — cores to the row-packed storage layout and back
+  (:mod:`mpsd.core.packing`).
 
 Without numba (or with ``MPSD_NO_NUMBA=1`` in the environment) the same functions run on
 numpy/LAPACK.  Both paths agree to rounding (``tests/test_fastpath.py``).  numba is imported
@@ -80,12 +82,17 @@ def _kernels() -> dict[str, Any]:
                         nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
                         nb.decode_round(np.ones((1, 2)), np.array([[0, 1]]), np.array([1, 1]),
                                         np.array([[1, 1, 1]]), np.array([1]), ix, 255.0, im)
+                    one = np.ones(1, dtype=np.int64)
+                    for dt in _COPY_TYPES.values():
+                        nb.pack_rows(np.zeros((1, 1, 1, 1), dtype=dt), one, one, np.zeros((1, 1), dtype=dt))
+                        nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch,
                     "qr": nb.qr_batch, "gather_scale": nb.gather_scale,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
+                    "pack_rows": nb.pack_rows, "unpack_rows": nb.unpack_rows,
                 }
     return _compiled
 
@@ -154,6 +161,34 @@ def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q, r = np.empty((nb, m, k)), np.empty((nb, k, k))
     _kernels()["qr"](np.ascontiguousarray(x, dtype=np.float64), q, r)
     return q, r
+
+
+#: Integer types that core entries are copied as, by item size (the copy kernels move bits).
+_COPY_TYPES = {1: np.int8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def pack_rows(core: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
+    """Compiled body of :func:`mpsd.core.packing.pack_core`; False (nothing done) without numba."""
+    kind = _COPY_TYPES.get(core.dtype.itemsize)
+    if not use_numba() or kind is None or out.dtype != core.dtype:
+        return False
+    _kernels()["pack_rows"](
+        np.ascontiguousarray(core).view(kind), np.ascontiguousarray(left, dtype=np.int64),
+        np.ascontiguousarray(right, dtype=np.int64), out.view(kind),
+    )  # fmt: skip
+    return True
+
+
+def unpack_rows(rows: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
+    """Compiled body of :func:`mpsd.core.packing.unpack_core` (``out`` zeroed); False without numba."""
+    kind = _COPY_TYPES.get(rows.dtype.itemsize)
+    if not use_numba() or kind is None or out.dtype != rows.dtype:
+        return False
+    _kernels()["unpack_rows"](
+        np.ascontiguousarray(rows).view(kind), np.ascontiguousarray(left, dtype=np.int64),
+        np.ascontiguousarray(right, dtype=np.int64), out.view(kind),
+    )  # fmt: skip
+    return True
 
 
 def _contract_plan(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int] | None:

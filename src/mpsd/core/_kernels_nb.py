@@ -567,3 +567,37 @@ def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - com
             for j in range(sizes[U(k)]):
                 x = _rint(packed[U(t), U(o + j)] / safe)
                 q[U(t), U(o + j)] = np.int8(min(max(x, -127.0), 127.0))
+
+
+@njit(nogil=True, cache=True)
+def pack_rows(core, left, right, out):  # pragma: no cover - compiled
+    # out[t, :left[t]·d·right[t]] = core[t, :left[t], :, :right[t]] (C order), the rest 0;
+    # core (B, R0, d, R1), out (B, W); both the same (integer) dtype.
+    b, _, d, _ = core.shape
+    w = out.shape[1]
+    for t in range(b):
+        lt = left[t]
+        rt = right[t]
+        p = 0
+        for i in range(lt):
+            for j in range(d):
+                for k in range(rt):
+                    out[t, p] = core[t, i, j, k]
+                    p += 1
+        for q in range(p, w):
+            out[t, q] = 0
+
+
+@njit(nogil=True, cache=True)
+def unpack_rows(rows, left, right, out):  # pragma: no cover - compiled
+    # Inverse of pack_rows into a zeroed out (B, R0, d, R1).
+    b, _, d, _ = out.shape
+    for t in range(b):
+        lt = left[t]
+        rt = right[t]
+        p = 0
+        for i in range(lt):
+            for j in range(d):
+                for k in range(rt):
+                    out[t, i, j, k] = rows[t, p]
+                    p += 1

@@ -1,0 +1,134 @@
+"""Store format 2 (row-packed cores) and reading format 1 stores written by earlier versions."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mpsd
+from mpsd.archive import add_supplement
+from mpsd.archive.format import FORMAT_VERSION, MANIFEST_NAME
+from mpsd.archive.verify import verify_store
+from mpsd.core.packing import pack_core, unpack_core
+from mpsd.core.ttsvd import parameter_count
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# how tests/fixtures/format1-stores.zip was written (mpsd 0.1.0, format 1, commit 8af8947)
+FORMAT1_STORES = {
+    "cifar": ("v1-cifar-ratio-int8.zarr", "cifar10_source.npz",
+              {"ratio": 0.3, "chunk_images": 6, "with_labels": True}),
+    "fashion": ("v1-fashion-tol-float16.zarr", "fashion_source.npz",
+                {"tol": 0.1, "residual_bonds": ["2,2,2,2"], "dtype": "float16", "chunk_images": 6, "metrics": False}),
+}  # fmt: skip
+
+
+@pytest.fixture
+def format1(tmp_path: Path) -> Path:
+    with zipfile.ZipFile(FIXTURES / "format1-stores.zip") as zf:
+        zf.extractall(tmp_path / "v1")
+    return tmp_path / "v1"
+
+
+def _compress_like_format1(which: str, path: Path) -> mpsd.Archive:
+    _, source, options = FORMAT1_STORES[which]
+    options = dict(options)
+    with np.load(FIXTURES / source) as data:
+        x, y, classes = data["x_train"][:12], data["y_train"][:12], list(data["classes"])
+    if options.pop("with_labels", False):
+        options.update(labels=y, classes=classes)
+    return mpsd.compress(x, path, workers=1, **options)
+
+
+@pytest.mark.parametrize("which", sorted(FORMAT1_STORES))
+def test_format1_stores_still_decode_as_they_did(format1, which):
+    store = mpsd.open(format1 / FORMAT1_STORES[which][0])
+    assert store.meta.format_version == 1
+    with np.load(format1 / "expected.npz") as expected:
+        np.testing.assert_array_equal(store[:], expected[which])
+        np.testing.assert_array_equal(store[7], expected[which][7])  # one image, second chunk
+    assert verify_store(store.path).ok
+    assert np.isfinite(store.stats().param_ratio)
+
+
+@pytest.mark.parametrize("which", sorted(FORMAT1_STORES))
+def test_format2_decodes_exactly_like_format1_and_takes_fewer_bytes(tmp_path, format1, which):
+    old = mpsd.open(format1 / FORMAT1_STORES[which][0])
+    new = _compress_like_format1(which, tmp_path / "new.zarr")
+    assert new.meta.format_version == FORMAT_VERSION == 2
+    np.testing.assert_array_equal(new.decode(slice(None), kind="float"), old.decode(slice(None), kind="float"))
+    assert new.bytes_on_disk < old.bytes_on_disk
+
+
+def test_supplement_on_a_format1_store_keeps_format1(tmp_path, format1):
+    old_path = format1 / FORMAT1_STORES["cifar"][0]
+    new = _compress_like_format1("cifar", tmp_path / "new.zarr")
+    bias = np.random.default_rng(0).normal(0, 8, size=(12, 32, 32, 3)).astype(np.float32)
+    old = add_supplement(old_path, bias, bond="2,2,2,2")
+    new = add_supplement(new.path, bias, bond="2,2,2,2")
+    assert old.meta.format_version == 1 and new.meta.format_version == 2
+    assert json.loads((old_path / MANIFEST_NAME).read_text())["format_version"] == 1
+    assert old.meta.stages[-1].role == "supplement"
+    np.testing.assert_array_equal(old[:], new[:])
+    assert verify_store(old_path).ok
+
+
+def test_cores_are_stored_row_packed_by_their_own_ranks(tmp_path, cifar):
+    """Row t of core k holds r_{k-1}·d_k·r_k entries, then zeros; the bytes follow the parameters."""
+    import zarr
+
+    x = cifar["x_train"][:200]
+    store = mpsd.compress(x, tmp_path / "r.zarr", ratio=0.1, chunk_images=100, metrics=False)
+    sites = store.meta.layout.sites
+    group = zarr.open_group(str(store.path), mode="r")
+    ranks = group["stage0/ranks"][...].reshape(-1, len(sites) - 1).astype(np.int64)
+    assert len(np.unique(ranks, axis=0)) > 1  # the ratio gives the tensors different ranks
+    full = np.concatenate([np.ones((len(ranks), 1), int), ranks, np.ones((len(ranks), 1), int)], axis=1)
+    core_bytes = 0
+    for k, d in enumerate(sites):
+        rows = group[f"stage0/core{k}"][...].reshape(len(ranks), -1)
+        used = full[:, k] * d * full[:, k + 1]
+        assert not (rows * (np.arange(rows.shape[1]) >= used[:, None])).any()  # zeros after the used part
+        core_bytes += sum(f.stat().st_size for f in (store.path / "stage0" / f"core{k}" / "c").rglob("*") if f.is_file())
+    n_params = int(parameter_count(sites, ranks).sum())  # int8: one byte each
+    # zero padding scattered through each row (format 1) cost 1.3 bytes per parameter here
+    assert core_bytes <= 1.08 * n_params
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.float16, np.float32, np.float64])
+def test_pack_and_unpack_against_per_row_slices(dtype):
+    rng = np.random.default_rng(1)
+    b, r0, d, r1 = 40, 5, 3, 7
+    left, right = rng.integers(1, r0 + 1, b), rng.integers(1, r1 + 1, b)
+    core = (rng.normal(size=(b, r0, d, r1)) * 50).astype(dtype)
+    i, k = np.arange(r0)[None, :, None, None], np.arange(r1)[None, None, None, :]
+    core[np.broadcast_to((i >= left[:, None, None, None]) | (k >= right[:, None, None, None]), core.shape)] = 0
+    rows = pack_core(core, left, right, r0 * d * r1 + 3)
+    assert rows.dtype == core.dtype and rows.shape == (b, r0 * d * r1 + 3)
+    for t in range(b):
+        used = core[t, : left[t], :, : right[t]].ravel()
+        np.testing.assert_array_equal(rows[t, : used.size], used)
+        assert not rows[t, used.size :].any()
+    np.testing.assert_array_equal(unpack_core(rows, left, right, r0, d, r1), core)
+    top0, top1 = int(left.max()), int(right.max())
+    np.testing.assert_array_equal(unpack_core(rows, left, right, top0, d, top1), core[:, :top0, :, :top1])
+    with pytest.raises(ValueError):
+        unpack_core(rows, left, right, top0 - 1, d, top1)
+
+
+def test_ranks_outside_the_storage_bonds_are_refused(tmp_path, cifar):
+    import zarr
+
+    from mpsd.errors import StoreError
+
+    store = mpsd.compress(cifar["x_train"][:8], tmp_path / "t.zarr", ratio=0.3)
+    arr = zarr.open_array(str(store.path / "stage0" / "ranks"), mode="r+")
+    values = arr[...]
+    values[2, 0, 1] = store.meta.stages[0].bonds[1] + 1
+    arr[...] = values
+    with pytest.raises(StoreError, match="ranks outside"):
+        mpsd.open(store.path)[2]
