@@ -273,7 +273,7 @@ def test_resume_mismatch_names_what_changed(fm: Dataset) -> None:
     from mpsd.evaluate import resume_mismatch
 
     config = EvalConfig(methods=("original", "mpsd"), budgets=(0.2,), recipe_overrides=FAST)
-    env = {"dataset": {"name": "x", "n_train": 10}, "model": "small_cnn", "recipe": {"name": "cpu"}}
+    env = {"dataset": {"name": "x", "n_train": 10}, "model": "small_cnn", "recipe": {"name": "cpu"}, "store_format": 2}
     previous = json.loads(json.dumps({"config": config.to_dict(), "environment": env, "runs": []}))
     assert resume_mismatch(previous, config, env) is None
     # more repeats, another device or thread count: still the same evaluation
@@ -282,6 +282,9 @@ def test_resume_mismatch_names_what_changed(fm: Dataset) -> None:
     assert "recipe_overrides" in (resume_mismatch(previous, other, env) or "")
     assert "another dataset" in (resume_mismatch(previous, config, {**env, "dataset": {"name": "y", "n_train": 10}}) or "")
     assert resume_mismatch({"runs": []}, config, env) == "not an mpsd evaluate report"
+    # a report from before store format 2 (no "store_format") had larger mpsd stores at each budget
+    before = {**previous, "environment": {k: v for k, v in previous["environment"].items() if k != "store_format"}}
+    assert "format 1" in (resume_mismatch(before, config, env) or "")
 
 
 def test_cli_evaluate_refuses_an_output_it_cannot_write_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mpsd.archive.format import FORMAT_VERSION
 from mpsd.errors import InputError, MissingExtraError, OptionError
 from mpsd.evaluate.arms import (
     DEFAULT_METHODS,
@@ -366,6 +367,7 @@ def run_evaluation(
     cache: dict[tuple[str, str], Arm] = {}
     environment = {
         "mpsd_version": _mpsd_version(),
+        "store_format": FORMAT_VERSION,
         "torch_version": tt.torch_version(),
         "device": str(device),
         "threads": threads,
@@ -546,6 +548,10 @@ def resume_mismatch(previous: dict[str, Any], config: EvalConfig, environment: d
     for key in ("dataset", "model", "recipe"):
         if _jsonable_config(old_env.get(key)) != _jsonable_config(environment.get(key)):
             return f"the earlier run had another {key} ({old_env.get(key)!r}, now {environment.get(key)!r})"
+    # the store format decides how many bytes an mpsd arm takes, hence what it keeps at a budget
+    old_format = old_env.get("store_format", 1)
+    if old_format != environment.get("store_format"):
+        return f"the earlier run wrote mpsd stores in format {old_format!r}, this mpsd writes format {environment.get('store_format')!r}"
     return None
 
 
