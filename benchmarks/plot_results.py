@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/plot_results.py docs/results/*.json --out docs/results.png
+    .venv/bin/python benchmarks/plot_results.py old.json rerun.json:mpsd,mpsd-kd   # only those methods of rerun.json
 
 It also prints, per panel, markdown tables of accuracy by method and budget (bytes, then ρ).
 
@@ -34,6 +35,15 @@ def panel_name(data: dict) -> str:
     return f"{Path(env['name']).stem}, {int(env['n_train']):,} training images"
 
 
+def split_source(source: Path | str) -> tuple[Path, set[str] | None]:
+    """``"a.json:mpsd,mpsd-kd"`` → (``a.json``, {"mpsd", "mpsd-kd"}); a plain path → (path, None)."""
+    text = str(source)
+    head, sep, tail = text.rpartition(":")
+    if sep and tail and "/" not in tail and not Path(text).exists():
+        return Path(head), {m.strip() for m in tail.split(",") if m.strip()}
+    return Path(text), None
+
+
 def collect(paths: list[Path]) -> dict[str, dict]:
     """Summary rows of every file, one per panel, method and budget.
 
@@ -43,19 +53,25 @@ def collect(paths: list[Path]) -> dict[str, dict]:
     not one curve.  Where several files measured the same method at the same budget (a
     parameter-ratio run that also ran one byte budget, say), the row with the most repeats is
     kept, and on a tie the file given last (a re-run listed after the run it replaces): rows are
-    never averaged across files.
+    never averaged across files.  A path written ``file.json:m1,m2`` contributes only the rows
+    (and failures) of those methods (see :func:`split_source`).
     """
     out: dict[str, dict] = defaultdict(lambda: {"n_train": None, "rows": {}, "failures": {}})
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    for source in paths:
+        path, only = split_source(source)
+        data = json.loads(path.read_text())
         panel = out[panel_name(data)]
         panel["n_train"] = int(data["environment"]["dataset"]["n_train"])
         for row in data["summary"]:
+            if only is not None and row["method"] not in only:
+                continue
             key = (row["method"], str(row["budget"]))
             kept = panel["rows"].get(key)
             if kept is None or row["repeats"] >= kept["repeats"]:
                 panel["rows"][key] = row
         for fail in data.get("failures", []):
+            if only is not None and fail["method"] not in only:
+                continue
             b = fail.get("budget") or {}
             if b.get("kind") in ("bytes", "ratio"):
                 label = f"{round(100 * b['fraction'])}% bytes" if b["kind"] == "bytes" else f"ρ={b['fraction']:g}"
@@ -162,7 +178,7 @@ def plot(points: dict[str, dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="results.json files from mpsd evaluate")
+    parser.add_argument("results", nargs="+", help="results.json files from mpsd evaluate (file.json:m1,m2 for only those methods)")
     parser.add_argument("--out", type=Path, default=Path("docs/results.png"))
     args = parser.parse_args()
     points = load_points(args.results)
