@@ -350,12 +350,14 @@ class Archive:
             raise IndexError(f"image index out of range for {n} images")
         return idx.reshape(-1) % n, False
 
-    def _read_stages(self, start: int, stop: int) -> list[tuple[list[np.ndarray], np.ndarray | None]]:
+    def _read_stages(self, start: int, stop: int, *, unpack: bool = True) -> list[tuple[Any, ...]]:
         """Stored cores and scales of images start:stop inside one chunk, checked, per stage.
 
-        Core k of a stage has shape (B·M, R_{k-1}, d_k, R_k) (stored dtype, zero-padded: to the
-        storage bonds for format 1, to the largest ranks of these images for format 2), scales
-        (B·M, n).
+        Per stage ``(cores, scales)``: core k of shape (B·M, R_{k-1}, d_k, R_k) (stored dtype,
+        zero-padded: to the storage bonds for format 1, to the largest ranks of these images for
+        format 2), scales (B·M, n) or None.  With ``unpack=False`` a format 2 store gives
+        ``(rows, scales, ranks)`` instead: core k as its packed rows (B·M, P_k) and the ranks
+        (B·M, n−1), validated.
         """
         meta = self.meta
         stages = []
@@ -375,6 +377,8 @@ class Archive:
             scales = next(values) if meta.storage_dtype == "int8" else None
             ranks = next(values) if meta.packed else None
             cores = cores_from_storage(meta, i, stored, ranks, f"{self.path}: images {start}..{stop - 1}")
+            if not unpack and ranks is not None:  # checked by cores_from_storage; keep the rows
+                cores, ranks = stored, ranks.reshape(n_rows * m, -1).astype(np.int64)
             if scales is not None:
                 scales = scales.reshape(n_rows * m, -1)
                 if not np.isfinite(scales).all():
@@ -383,7 +387,7 @@ class Archive:
                 for k, c in enumerate(cores):
                     if not np.isfinite(c).all():
                         raise StoreError(f"{self.path}: stage {i} core {k} has NaN/Inf values for images {start}..{stop - 1}")
-            stages.append((cores, scales))
+            stages.append((cores, scales) if unpack or ranks is None else (cores, scales, ranks))
         return stages
 
     def _decode_rows(self, start: int, stop: int, *, flat: bool = False) -> np.ndarray:
@@ -394,9 +398,20 @@ class Archive:
         result = decode_stages(self._read_stages(start, stop))
         return result if flat else self.meta.layout.from_sites(result)
 
-    def _round_images(self, stages: list[tuple[list[np.ndarray], np.ndarray | None]], out: np.ndarray | None = None) -> np.ndarray:
-        """Stored stages of whole images to rounded images ((B, H, W, C) of the source dtype)."""
+    def _round_images(self, stages: list[tuple[Any, ...]], out: np.ndarray | None = None) -> np.ndarray:
+        """Stored stages of whole images to rounded images ((B, H, W, C) of the source dtype).
+
+        ``stages`` as :meth:`_read_stages` gives them, packed rows included.
+        """
         layout, max_value = self.meta.layout, self.meta.max_value
+        if stages and len(stages[0]) == 3:  # packed rows: contract each tensor at its own ranks
+            done = _kernels.decode_rounded_rows(stages, layout, max_value, self.dtype, out=out)
+            if done is not None:
+                return done
+            stages = [
+                (cores_from_storage(self.meta, i, rows, ranks, str(self.path)), scales)
+                for i, (rows, scales, ranks) in enumerate(stages)
+            ]
         done = _kernels.decode_rounded(stages, layout, max_value, self.dtype, out=out)
         if done is not None:
             return done
@@ -452,7 +467,7 @@ class Archive:
                     return
                 # read the chunk once, rebuild it in cache-sized blocks of rows (bounded
                 # temporaries), and round straight into the output: clip(rint(from_sites·max))
-                stages = self._read_stages(start, stop)
+                stages = self._read_stages(start, stop, unpack=False)
                 m = self.meta.mps_per_image
                 for lo in range(start, stop, DECODE_BLOCK_IMAGES):
                     hi = min(lo + DECODE_BLOCK_IMAGES, stop)
@@ -460,7 +475,10 @@ class Archive:
                     if sel.size == 0:
                         continue
                     a, b = (lo - start) * m, (hi - start) * m
-                    part = [([c[a:b] for c in cores], None if sc is None else sc[a:b]) for cores, sc in stages]
+                    part = [
+                        ([c[a:b] for c in st[0]], *(None if x is None else x[a:b] for x in st[1:]))
+                        for st in stages
+                    ]
                     p0 = np.searchsorted(sorted_idx, sel[0], side="left")
                     p1 = np.searchsorted(sorted_idx, sel[-1], side="right")
                     if sel.size == hi - lo == p1 - p0 and order[p0] + (p1 - p0) - 1 == order[p1 - 1] and (

@@ -82,6 +82,10 @@ def _kernels() -> dict[str, Any]:
                         nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
                         nb.decode_round(np.ones((1, 2)), np.array([[0, 1]]), np.array([1, 1]),
                                         np.array([[1, 1, 1]]), np.array([1]), ix, 255.0, im)
+                        for st in (np.int8, np.float32):
+                            nb.decode_round_rows(np.ones((1, 2), dtype=st), np.array([[0, 1]]), np.ones((1, 1, 2)),
+                                                 np.array([1, 1]), np.ones((1, 1, 3), dtype=np.int64),
+                                                 np.array([1]), ix, 255.0, im)
                     one = np.ones(1, dtype=np.int64)
                     for dt in _COPY_TYPES.values():
                         nb.pack_rows(np.zeros((1, 1, 1, 1), dtype=dt), one, one, np.zeros((1, 1), dtype=dt))
@@ -93,6 +97,7 @@ def _kernels() -> dict[str, Any]:
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
                     "pack_rows": nb.pack_rows, "unpack_rows": nb.unpack_rows,
+                    "decode_round_rows": nb.decode_round_rows,
                 }
     return _compiled
 
@@ -191,6 +196,26 @@ def unpack_rows(rows: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.n
     return True
 
 
+def _best_split(dims: np.ndarray, ranks: np.ndarray) -> int:
+    """The bond where contracting an MPS (``ranks`` = [1, R_1, …, 1]) from both ends costs the fewest multiplications."""
+    n = len(dims)
+    best, split = None, 1
+    for s in range(1, n):
+        cost = 0
+        rows = int(dims[0])
+        for j in range(1, s):
+            cost += rows * int(ranks[j]) * int(dims[j] * ranks[j + 1])
+            rows *= int(dims[j])
+        cols = int(dims[-1])
+        for j in range(n - 2, s - 1, -1):
+            cost += int(ranks[j] * dims[j]) * int(ranks[j + 1]) * cols
+            cols *= int(dims[j])
+        cost += rows * int(ranks[s]) * cols
+        if best is None or cost < best:
+            best, split = cost, s
+    return split
+
+
 def _contract_plan(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, int] | None:
     """``(dims, ranks, split)`` for the compiled contraction of cores of these shapes, or None.
 
@@ -208,20 +233,7 @@ def _contract_plan(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarra
     ):
         return None  # let the plain path report the mismatch
     n = len(shapes)
-    best, split = None, 1
-    for s in range(1, n):
-        cost = 0
-        rows = int(dims[0])
-        for j in range(1, s):
-            cost += rows * int(ranks[j]) * int(dims[j] * ranks[j + 1])
-            rows *= int(dims[j])
-        cols = int(dims[-1])
-        for j in range(n - 2, s - 1, -1):
-            cost += int(ranks[j] * dims[j]) * int(ranks[j + 1]) * cols
-            cols *= int(dims[j])
-        cost += rows * int(ranks[s]) * cols
-        if best is None or cost < best:
-            best, split = cost, s
+    split = _best_split(dims, ranks)
     # the compiled loops only pay off with rows of several numbers; tiny ones stay with numpy
     widths = [int(dims[j] * ranks[j + 1]) for j in range(1, split)]
     cols = int(dims[-1])
@@ -343,6 +355,66 @@ def decode_rounded(
         np.stack([p[1] for p in plans]), np.array([p[2] for p in plans], dtype=np.int64),  # type: ignore[index]
         site_index(layout), float(max_value), out.reshape(n, -1),
     )
+    return out
+
+
+def decode_rounded_rows(
+    stages: list[tuple[list[np.ndarray], np.ndarray | None, np.ndarray]],
+    layout: Any,
+    max_value: int,
+    dtype: np.dtype,
+    out: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Row-packed stored stages (store format 2) straight to rounded images, or None without numba.
+
+    Like :func:`decode_rounded`, but every tensor is contracted at its own ranks, straight from
+    the packed rows: nothing is unpacked, and a chunk of mostly low-rank tensors costs what its
+    tensors need, not what the largest of them needs.  Equals unpacking
+    (:func:`mpsd.core.packing.unpack_core`) followed by ``decode_stages`` and rounding, up to the
+    order of floating-point additions.
+
+    Parameters
+    ----------
+    stages : list of (rows, scales, ranks)
+        Per stage: core k as stored rows (T, P_k) (int8, float16 or float32), int8 scales
+        (T, n) or None, and the ranks (T, n−1) of every tensor (validated: 1 ≤ r ≤ the storage
+        bonds implied by P_k).
+    out : ndarray of shape (B, H, W, C), optional
+        C-contiguous, of ``dtype``.
+    """
+    if not use_numba() or np.dtype(dtype).kind not in "ui" or not stages or stages[0][0][0].shape[0] == 0:
+        return None
+    from mpsd.core.packing import bond_ranks
+
+    t = stages[0][0][0].shape[0]
+    dims = np.asarray(layout.sites, dtype=np.int64)
+    n = dims.size
+    blocks, offsets, start = [], [], 0
+    for rows, _, _ in stages:
+        row_offsets = []
+        for r in rows:
+            blocks.append(r)
+            row_offsets.append(start)
+            start += r.shape[1]
+        offsets.append(row_offsets)
+    stored = np.concatenate(blocks, axis=1)
+    if stored.dtype == np.float16:
+        stored = stored.astype(np.float32)
+    scales = np.ones((t, len(stages), n))
+    ranks = np.empty((t, len(stages), n + 1), dtype=np.int64)
+    splits = []
+    for s, (_, sc, rk) in enumerate(stages):
+        if sc is not None:
+            scales[:, s] = sc
+        ranks[:, s] = bond_ranks(rk)
+        splits.append(_best_split(dims, ranks[:, s].max(axis=0)))
+    images = t // layout.mps_per_image
+    if out is None:
+        out = np.empty((images, layout.height, layout.width, layout.channels), dtype=dtype)
+    _kernels()["decode_round_rows"](
+        stored, np.array(offsets, dtype=np.int64), scales, dims, ranks, np.array(splits, dtype=np.int64),
+        site_index(layout), float(max_value), out.reshape(images, -1),
+    )  # fmt: skip
     return out
 
 

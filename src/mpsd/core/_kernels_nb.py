@@ -601,3 +601,63 @@ def unpack_rows(rows, left, right, out):  # pragma: no cover - compiled
                 for k in range(rt):
                     out[t, i, j, k] = rows[t, p]
                     p += 1
+
+
+@njit(nogil=True, cache=True)
+def decode_round_rows(stored, offsets, scales, dims, ranks, splits, idx, max_value, out):  # pragma: no cover - compiled
+    # decode_round for row-packed cores, every tensor at its own ranks: stage s of tensor t has
+    # core k in stored[t, offsets[s, k]:] as (ranks[t, s, k], dims[k], ranks[t, s, k+1]) in C
+    # order, dequantised by scales[t, s, k] (1 for float cores).  The used entries of a tensor's
+    # cores are gathered into one buffer and contracted from both ends (split splits[s]).
+    nb = stored.shape[0]
+    n_stages = offsets.shape[0]
+    n = dims.shape[0]
+    q = 1
+    for j in range(n):
+        q *= dims[U(j)]
+    m_per = idx.shape[0] // q
+    top = np.ones((n_stages, n + 1), dtype=np.int64)
+    for t in range(nb):
+        for s in range(n_stages):
+            for k in range(n + 1):
+                top[s, k] = max(top[s, k], ranks[t, s, k])
+    size = 0
+    width = 0
+    for s in range(n_stages):
+        la, lb, ra, rb = _contract_scratch(dims, top[s], splits[s])
+        size = max(size, la.shape[0], ra.shape[0])
+        w = 0
+        for k in range(n):
+            w += top[s, k] * dims[U(k)] * top[s, k + 1]
+        width = max(width, w)
+    la = np.empty(size)
+    lb = np.empty(size)
+    ra = np.empty(size)
+    rb = np.empty(size)
+    buf = np.empty(width)
+    offs = np.empty(n, dtype=np.int64)
+    total = np.empty(q)
+    part = np.empty(q)
+    for t in range(nb):
+        for s in range(n_stages):
+            r = ranks[t, s]
+            o = 0
+            for k in range(n):
+                offs[U(k)] = o
+                used = r[U(k)] * dims[U(k)] * r[U(k + 1)]
+                base = offsets[s, k]
+                sc = scales[t, s, k]
+                for i in range(used):
+                    buf[U(o + i)] = stored[U(t), U(base + i)] * sc
+                o += used
+            dst = total if s == 0 else part
+            _contract_one(buf, U(0), offs, dims, r, splits[s], n, la, lb, ra, rb, dst, U(0))
+            if s > 0:
+                for j in range(q):
+                    total[U(j)] += part[U(j)]
+        img = t // m_per
+        o2 = U((t % m_per) * q)
+        for j in range(q):
+            k2 = idx[o2 + U(j)]
+            if k2 >= 0:
+                out[U(img), U(k2)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
