@@ -252,6 +252,23 @@ def stored_cores(meta: StoreMeta, stage: int, cores: list[np.ndarray], ranks: np
     return out
 
 
+def checked_ranks(meta: StoreMeta, stage: int, ranks: np.ndarray, where: str) -> np.ndarray:
+    """Ranks read from a store as int64 (T, n−1), each checked to lie in 1..the storage bond.
+
+    Packed rows are read by these ranks: a rank above its storage bond would read past a core.
+
+    Raises
+    ------
+    StoreError
+        When a rank is out of range.
+    """
+    bonds = np.asarray(meta.stages[stage].bonds, dtype=np.int64)
+    ranks = np.asarray(ranks, dtype=np.int64).reshape(-1, bonds.size)
+    if ranks.size and ((ranks < 1).any() or (ranks > bonds).any()):
+        raise StoreError(f"{where}: stage {stage} has ranks outside 1..{list(bonds)}")
+    return ranks
+
+
 def cores_from_storage(meta: StoreMeta, stage: int, stored: list[np.ndarray], ranks: np.ndarray | None, where: str) -> list[np.ndarray]:
     """Inverse of :func:`stored_cores`: zero-padded cores (T, R_{k-1}, d_k, R_k) to contract.
 
@@ -268,12 +285,8 @@ def cores_from_storage(meta: StoreMeta, stage: int, stored: list[np.ndarray], ra
         return [s.reshape(t, *meta.core_shape(stage, k)[2:]) for k, s in enumerate(stored)]
     if ranks is None:
         raise StoreError(f"{where}: stage {stage} needs its ranks to unpack its cores")
-    ranks = np.asarray(ranks, dtype=np.int64).reshape(t, -1)
-    bonds = np.asarray(meta.stages[stage].bonds, dtype=np.int64)
-    if ranks.shape[1] != bonds.size or (t and ((ranks < 1).any() or (ranks > bonds).any())):
-        raise StoreError(f"{where}: stage {stage} has ranks outside 1..{list(bonds)}")
-    full = bond_ranks(ranks)
-    top = full.max(axis=0) if t else np.ones(bonds.size + 2, dtype=np.int64)
+    full = bond_ranks(checked_ranks(meta, stage, ranks, where))
+    top = full.max(axis=0) if t else np.ones(len(meta.stages[stage].bonds) + 2, dtype=np.int64)
     sites = meta.layout.sites
     return [
         unpack_core(s.reshape(t, -1), full[:, k], full[:, k + 1], int(top[k]), sites[k], int(top[k + 1]))

@@ -19,6 +19,7 @@ from mpsd.archive.format import (
     MANIFEST_NAME,
     MAX_CHUNK_ELEMENTS,
     StoreMeta,
+    checked_ranks,
     cores_from_storage,
     parse_metadata,
 )
@@ -375,10 +376,9 @@ class Archive:
         for i in range(len(meta.stages)):
             stored = [next(values).reshape(n_rows * m, -1) for _k in range(n_sites)]
             scales = next(values) if meta.storage_dtype == "int8" else None
-            ranks = next(values) if meta.packed else None
-            cores = cores_from_storage(meta, i, stored, ranks, f"{self.path}: images {start}..{stop - 1}")
-            if not unpack and ranks is not None:  # checked by cores_from_storage; keep the rows
-                cores, ranks = stored, ranks.reshape(n_rows * m, -1).astype(np.int64)
+            where = f"{self.path}: images {start}..{stop - 1}"
+            ranks = checked_ranks(meta, i, next(values), where) if meta.packed else None
+            cores = stored if not unpack and ranks is not None else cores_from_storage(meta, i, stored, ranks, where)
             if scales is not None:
                 scales = scales.reshape(n_rows * m, -1)
                 if not np.isfinite(scales).all():
