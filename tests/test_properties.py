@@ -63,3 +63,30 @@ def test_same_input_same_store_bit_for_bit_whatever_the_worker_count(tmp_path, c
     a = mpsd.compress(x, tmp_path / "a.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], workers=1, chunk_images=64)
     b = mpsd.compress(x, tmp_path / "b.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], workers=2, chunk_images=64)
     assert _chunk_hashes(a.path) == _chunk_hashes(b.path)
+
+
+@st.composite
+def padded_cores(draw):
+    """A batch of zero-padded cores (B, R0, d, R1), each tensor with its own ranks."""
+    b, r0, d, r1 = draw(st.integers(0, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    left = np.array(draw(st.lists(st.integers(1, r0), min_size=b, max_size=b)), dtype=np.int64)
+    right = np.array(draw(st.lists(st.integers(1, r1), min_size=b, max_size=b)), dtype=np.int64)
+    dtype = draw(st.sampled_from([np.int8, np.float16, np.float32]))
+    core = draw(npst.arrays(dtype, (b, r0, d, r1), elements=st.integers(-127, 127)))
+    i, k = np.arange(r0)[None, :, None, None], np.arange(r1)[None, None, None, :]
+    core[np.broadcast_to((i >= left.reshape(-1, 1, 1, 1)) | (k >= right.reshape(-1, 1, 1, 1)), core.shape)] = 0
+    return core, left, right, draw(st.integers(0, 3))
+
+
+@given(case=padded_cores())
+def test_pack_then_unpack_is_the_identity(case):
+    from mpsd.core.packing import pack_core, unpack_core
+
+    core, left, right, extra = case
+    b, r0, d, r1 = core.shape
+    rows = pack_core(core, left, right, r0 * d * r1 + extra)
+    # each row: the tensor's own entries in C order, then zeros
+    for t in range(b):
+        used = core[t, : left[t], :, : right[t]].ravel()
+        assert np.array_equal(rows[t, : used.size], used) and not rows[t, used.size :].any()
+    np.testing.assert_array_equal(unpack_core(rows, left, right, r0, d, r1), core)
