@@ -172,28 +172,25 @@ def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _COPY_TYPES = {1: np.int8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def pack_rows(core: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
-    """Compiled body of :func:`mpsd.core.packing.pack_core`; False (nothing done) without numba."""
-    kind = _COPY_TYPES.get(core.dtype.itemsize)
-    if not use_numba() or kind is None or out.dtype != core.dtype:
+def _copy(kernel: str, src: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
+    kind = _COPY_TYPES.get(src.dtype.itemsize)
+    if not use_numba() or kind is None or out.dtype != src.dtype:
         return False
-    _kernels()["pack_rows"](
-        np.ascontiguousarray(core).view(kind), np.ascontiguousarray(left, dtype=np.int64),
+    _kernels()[kernel](
+        np.ascontiguousarray(src).view(kind), np.ascontiguousarray(left, dtype=np.int64),
         np.ascontiguousarray(right, dtype=np.int64), out.view(kind),
     )  # fmt: skip
     return True
+
+
+def pack_rows(core: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
+    """Compiled body of :func:`mpsd.core.packing.pack_core`; False (nothing done) without numba."""
+    return _copy("pack_rows", core, left, right, out)
 
 
 def unpack_rows(rows: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray) -> bool:
     """Compiled body of :func:`mpsd.core.packing.unpack_core` (``out`` zeroed); False without numba."""
-    kind = _COPY_TYPES.get(rows.dtype.itemsize)
-    if not use_numba() or kind is None or out.dtype != rows.dtype:
-        return False
-    _kernels()["unpack_rows"](
-        np.ascontiguousarray(rows).view(kind), np.ascontiguousarray(left, dtype=np.int64),
-        np.ascontiguousarray(right, dtype=np.int64), out.view(kind),
-    )  # fmt: skip
-    return True
+    return _copy("unpack_rows", rows, left, right, out)
 
 
 def _best_split(dims: np.ndarray, ranks: np.ndarray) -> int:

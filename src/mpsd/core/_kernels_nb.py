@@ -494,6 +494,16 @@ def _contract_one(pf, base, offsets, dims, ranks, split, n, la, lb, ra, rb, of, 
     _mm(cur, 0, rows, ranks[U(split)], rcur, 0, cols, of, oo)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _round_into(total, idx, o, max_value, out, img):  # pragma: no cover - compiled
+    # out[img, idx[o + j]] = clip(rint(total[j]·max), 0, max) for idx[o + j] >= 0 (idx < 0: padding)
+    for j in range(total.shape[0]):
+        k = idx[o + U(j)]
+        if k >= 0:
+            # branch-free clip (dark backgrounds make the branches unpredictable)
+            out[U(img), U(k)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
+
+
 @njit(nogil=True, cache=True)
 def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # pragma: no cover - compiled
     # Decode whole images in one pass: tensor t (image t // M, tensor t % M of it) is the sum of
@@ -526,13 +536,7 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
             if s > 0:
                 for j in range(q):
                     total[U(j)] += part[U(j)]
-        img = t // m_per
-        o = U((t % m_per) * q)
-        for j in range(q):
-            k = idx[o + U(j)]
-            if k >= 0:
-                # branch-free clip (dark backgrounds make the branches unpredictable)
-                out[U(img), U(k)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
+        _round_into(total, idx, U((t % m_per) * q), max_value, out, t // m_per)
 
 
 @njit(nogil=True, cache=True)
@@ -655,9 +659,4 @@ def decode_round_rows(stored, offsets, scales, dims, ranks, splits, idx, max_val
             if s > 0:
                 for j in range(q):
                     total[U(j)] += part[U(j)]
-        img = t // m_per
-        o2 = U((t % m_per) * q)
-        for j in range(q):
-            k2 = idx[o2 + U(j)]
-            if k2 >= 0:
-                out[U(img), U(k2)] = min(max(_rint(total[U(j)] * max_value), 0.0), max_value)
+        _round_into(total, idx, U((t % m_per) * q), max_value, out, t // m_per)
