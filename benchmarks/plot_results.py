@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/plot_results.py docs/results/*.json --out docs/results.png
+    .venv/bin/python benchmarks/plot_results.py a.json b.json --out docs/results.png
     .venv/bin/python benchmarks/plot_results.py old.json rerun.json:mpsd,mpsd-kd   # only those methods of rerun.json
 
 It also prints, per panel, markdown tables of accuracy by method and budget (bytes, then ρ).
