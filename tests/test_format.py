@@ -52,14 +52,14 @@ def test_format1_stores_still_decode_as_they_did(format1, which):
         np.testing.assert_array_equal(store[:], expected[which])
         np.testing.assert_array_equal(store[7], expected[which][7])  # one image, second chunk
     assert verify_store(store.path).ok
-    assert np.isfinite(store.stats().param_ratio)
+    assert np.isfinite(store.stats().param_ratio) and store.stats().format_version == 1
 
 
 @pytest.mark.parametrize("which", sorted(FORMAT1_STORES))
 def test_format2_decodes_exactly_like_format1_and_takes_fewer_bytes(tmp_path, format1, which):
     old = mpsd.open(format1 / FORMAT1_STORES[which][0])
     new = _compress_like_format1(which, tmp_path / "new.zarr")
-    assert new.meta.format_version == FORMAT_VERSION == 2
+    assert new.meta.format_version == FORMAT_VERSION == 2 == new.stats().to_dict()["format_version"]
     np.testing.assert_array_equal(new.decode(slice(None), kind="float"), old.decode(slice(None), kind="float"))
     assert new.bytes_on_disk < old.bytes_on_disk
 

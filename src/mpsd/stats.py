@@ -63,6 +63,7 @@ class StoreStats:
     order: str
     colour: str
     core_dtype: str
+    format_version: int
     stages: list[StageStats]
     param_ratio: float
     bytes_on_disk: int
@@ -161,6 +162,7 @@ def compute_stats(archive: Archive) -> StoreStats:
         order=meta.layout.order,
         colour=meta.layout.colour,
         core_dtype=meta.storage_dtype,
+        format_version=meta.format_version,
         stages=stages,
         param_ratio=ratio_total,
         bytes_on_disk=bytes_on_disk,

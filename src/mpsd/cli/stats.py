@@ -39,7 +39,7 @@ def command(
     for i, st in enumerate(s.stages):
         ranks = ",".join(f"{r:g}" for r in st.mean_ranks)
         table.add_row(f"stage {i + 1} ({st.role})", f"bonds {','.join(map(str, st.bonds))}; mean ranks {ranks}; ρ {st.param_ratio:.4f}; {st.bytes_on_disk:,} B")
-    table.add_row("core dtype", s.core_dtype)
+    table.add_row("core dtype", f"{s.core_dtype} (store format {s.format_version})")
     table.add_row("parameter ratio ρ", f"{s.param_ratio:.4f}")
     table.add_row("bytes on disk", f"{s.bytes_on_disk:,} ({s.bytes_per_image:,.1f} per image)")
     table.add_row("raw bytes", f"{s.raw_bytes:,}")
