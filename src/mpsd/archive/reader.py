@@ -377,8 +377,11 @@ class Archive:
             stored = [next(values).reshape(n_rows * m, -1) for _k in range(n_sites)]
             scales = next(values) if meta.storage_dtype == "int8" else None
             where = f"{self.path}: images {start}..{stop - 1}"
-            ranks = checked_ranks(meta, i, next(values), where) if meta.packed else None
-            cores = stored if not unpack and ranks is not None else cores_from_storage(meta, i, stored, ranks, where)
+            ranks = next(values) if meta.packed else None
+            if unpack or ranks is None:
+                cores = cores_from_storage(meta, i, stored, ranks, where)  # checks the ranks
+            else:  # the compiled decoder reads the rows by these ranks
+                cores, ranks = stored, checked_ranks(meta, i, ranks, where)
             if scales is not None:
                 scales = scales.reshape(n_rows * m, -1)
                 if not np.isfinite(scales).all():
