@@ -220,6 +220,7 @@ def test_cli_evaluate_prints_and_writes_the_table(tmp_path: Path, capsys: pytest
 
 def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from mpsd.cli import main
+    from mpsd.evaluate import runner
     from mpsd.integrations.torch import train
 
     real_fit, calls = train.fit, []
@@ -256,6 +257,8 @@ def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: py
     # --resume with the same settings trains only the missing runs and keeps the finished one
     calls.clear()
     monkeypatch.setattr(train, "fit", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    real_build, built = runner.build_arm, []
+    monkeypatch.setattr(runner, "build_arm", lambda method, *a, **k: (built.append(method), real_build(method, *a, **k))[1])
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", str(_npz(tmp_path)), "--methods", "original,random", "--budget", "0.3",
               "--max-epochs", "1", "--out", str(out), "--device", "cpu", "--quiet", "--resume"])  # fmt: skip
@@ -263,6 +266,7 @@ def test_cli_evaluate_stopped_keeps_the_finished_runs(tmp_path: Path, capsys: py
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["complete"] is True
     assert len(calls) == 2  # random, equal epochs and equal steps; not the original arm again
+    assert built == ["random"]  # the finished arm is not even rebuilt
     assert resumed["runs"][0] == result["runs"][0]
     assert [(r["method"], r["protocol"]) for r in resumed["runs"]] == [
         ("original", "equal-epochs"), ("random", "equal-epochs"), ("random", "equal-steps")]

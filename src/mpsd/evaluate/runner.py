@@ -412,6 +412,14 @@ def run_evaluation(
                     checkpoint(report(complete=False))
             log.info("%s at %s: %s", method, budget, exc)
 
+        def finished(method: str, budget: Budget | None, seed: int) -> bool:
+            """Whether the resumed run trained every protocol of this arm, so it need not be built."""
+            label = None if budget is None else budget.label
+            first = next((run for run in runs if _run_key(run) == (method, label, seed, "equal-epochs")), None)
+            if first is None:
+                return False
+            return not (first.get("subset") and config.equal_steps) or (method, label, seed, "equal-steps") in done
+
         def train_arm(arm: Arm, seed: int) -> Any:
             """Train (and test) a fresh model on ``arm`` under each protocol; returns the last model."""
             if arm.store is not None:
@@ -464,6 +472,8 @@ def run_evaluation(
             arms: list[Arm] = []
             deferred: list[tuple[str, Budget]] = []
             for method, budget in plan:
+                if finished(method, budget, seed):
+                    continue  # every run of this arm was trained by the run this one resumes
                 if method in TEACHER_METHODS:
                     assert budget is not None
                     deferred.append((method, budget))
