@@ -13,7 +13,7 @@ import numpy as np
 from mpsd._threads import available_cpus, blas_single_thread
 from mpsd.archive.format import IMAGE_DTYPES, StageMeta, StoreMeta
 from mpsd.archive.reader import Archive
-from mpsd.archive.writer import StoreWriter
+from mpsd.archive.writer import StoreWriter, source_crc32c
 from mpsd.core import _kernels
 from mpsd.core.codec import EncodedBatch, StageSpec, encode_batch
 from mpsd.core.layout import SiteLayout, choose_layout
@@ -191,6 +191,7 @@ def compress(
     workers: int | None = None,
     overwrite: bool = False,
     metrics: bool = True,
+    resume: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Archive:
     """Compress images into an mpsd store.
@@ -228,6 +229,14 @@ def compress(
         Keep the per-image numbers (entropy, local truncation errors, stored error, pixel error)
         that ``stats`` reports.  ``False`` keeps only what decoding needs: smaller stores, and
         ``stats`` then reports sizes and ratios but no quality numbers.
+    resume : bool
+        Continue a run that was killed or interrupted (Ctrl-C) with the same input and settings:
+        the chunks it wrote are checked and kept, the source images behind them must have the
+        same CRC-32C, and encoding goes on from the first chunk it did not finish.  The store is
+        the same, file for file, as an uninterrupted run's.  Without such a run it starts from
+        the beginning; an interrupted run with other settings is refused
+        (:class:`~mpsd.errors.OptionError`), a changed input too
+        (:class:`~mpsd.errors.InputError`), and its temporary store is left for a later resume.
     progress : callable, optional
         Called with the number of images finished after every chunk.
 
@@ -272,7 +281,7 @@ def compress(
     )
     n_workers = max(1, workers or available_cpus())
     try:
-        _write_store(source, path, meta, layout, specs, dtype, max_value, chunk_images, n_workers, overwrite, progress)
+        _write_store(source, path, meta, layout, specs, dtype, max_value, chunk_images, n_workers, overwrite, resume, progress)
     except OSError as exc:
         # ENOSPC, EIO, EACCES while writing: the temporary store is gone, an old store is intact
         raise StoreError(f"{path}: writing the store failed: {exc.strerror or exc}") from exc
@@ -290,6 +299,7 @@ def _write_store(
     chunk_images: int,
     n_workers: int,
     overwrite: bool,
+    resume: bool,
     progress: Callable[[int], None] | None,
 ) -> None:
     # Pipeline: the workers encode chunk k+1 while one I/O thread writes chunk k (zarr's
@@ -298,15 +308,20 @@ def _write_store(
     def encode(part: np.ndarray) -> tuple[EncodedBatch, np.ndarray]:
         return _encode_images(part, layout, specs, dtype, max_value, meta.has_metrics)
 
+    # a ratio budget is spent across each worker's piece of a chunk: the worker count decides the
+    # stored bytes, so a resumed run must use the same
+    run_settings = {"workers": n_workers} if any(s.ratio is not None for s in specs) else {}
     with (
-        StoreWriter(path, meta, overwrite=overwrite) as writer,
+        StoreWriter(path, meta, overwrite=overwrite, resume=resume, run_settings=run_settings) as writer,
         blas_single_thread(),
         ThreadPoolExecutor(n_workers) as pool,
         ThreadPoolExecutor(1) as io,
     ):
-        done = 0
+        done = skip = writer.resumed_images
+        if skip and progress is not None:
+            progress(done)
         writing: tuple[Future[None], int] | None = None
-        queued: tuple[int, list[Future[tuple[EncodedBatch, np.ndarray]]]] | None = None
+        queued: tuple[int, int, list[Future[tuple[EncodedBatch, np.ndarray]]]] | None = None
 
         def finish_write() -> None:
             nonlocal writing, done
@@ -318,28 +333,32 @@ def _write_store(
                 if progress is not None:
                     progress(done)
 
-        def flush(item: tuple[int, list[Future[tuple[EncodedBatch, np.ndarray]]]]) -> None:
+        def flush(item: tuple[int, int, list[Future[tuple[EncodedBatch, np.ndarray]]]]) -> None:
             nonlocal writing
-            start, futures = item
+            start, crc, futures = item
             results = [f.result() for f in futures]
             batch = _concat_batches([r[0] for r in results])
             sq_error = np.concatenate([r[1] for r in results])
             finish_write()
-            writing = (io.submit(writer.write_batch, start, batch, sq_error), sq_error.shape[0])
+            writing = (io.submit(writer.write_batch, start, batch, sq_error, crc), sq_error.shape[0])
 
         try:
             for start, block in source.iter_chunks(chunk_images):
+                crc = source_crc32c(block)
+                if start < skip:  # written by the interrupted run this one resumes
+                    writer.check_resumed_chunk(start, crc)
+                    continue
                 futures = [pool.submit(encode, piece) for piece in _split_chunk(block, specs, n_workers)]
                 if queued is not None:
                     flush(queued)
-                queued = (start, futures)
+                queued = (start, crc, futures)
             if queued is not None:
                 flush(queued)
                 queued = None
             finish_write()
         finally:
             if queued is not None:
-                for f in queued[1]:
+                for f in queued[2]:
                     f.cancel()
         if source.labels is not None:
             writer.write_labels(source.labels)

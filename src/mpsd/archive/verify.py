@@ -55,7 +55,13 @@ def verify_store(path: str | Path) -> VerifyReport:
     leftovers = sorted(p.name for p in root.parent.glob(f".{root.name}.mpsd-tmp-*")) if root.parent.is_dir() else []
     if not root.is_dir():
         report.state = "incomplete" if leftovers else "invalid"
-        report.problems.append(f"{root}: no store" + (f" (interrupted attempt left {', '.join(leftovers)})" if leftovers else ""))
+        from mpsd.archive.writer import interrupted_runs
+
+        hint = f" (interrupted attempt left {', '.join(leftovers)})"
+        resumable = interrupted_runs(root)
+        if resumable:
+            hint = hint[:-1] + f"; it wrote {resumable[0][1]:,} images: the same compress command with --resume continues)"
+        report.problems.append(f"{root}: no store" + (hint if leftovers else ""))
         return report
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():

@@ -4,6 +4,10 @@ A store is *committed* when its manifest (``mpsd-manifest.json``: SHA-256 of eve
 Until then it lives in a hidden temporary sibling of the target, so a crash leaves either no store
 or the previous committed one.  ``overwrite`` swaps the new store in only after it is committed.
 A lock file next to the target makes a second writer fail fast.
+
+While it writes, the temporary store keeps ``mpsd-progress.json``: how many images are written
+and a CRC-32C of each chunk of source images.  ``resume`` takes over the temporary store of an
+interrupted run with the same settings, checks what it wrote, and goes on from there.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from mpsd.archive.format import (
     stored_cores,
 )
 from mpsd.core.codec import EncodedBatch
-from mpsd.errors import OptionError, StoreError, StoreLockedError
+from mpsd.errors import InputError, OptionError, StoreError, StoreLockedError
 
 log = logging.getLogger(__name__)
+
+#: Inside an uncommitted store: how far its writer got (removed when the store is committed).
+PROGRESS_NAME = "mpsd-progress.json"
 
 
 def _fault(point: str) -> None:
@@ -152,13 +159,15 @@ def _is_committed(folder: Path) -> bool:
     return (folder / MANIFEST_NAME).is_file()
 
 
-def recover(path: str | Path) -> str | None:
+def recover(path: str | Path, *, keep: Path | None = None) -> str | None:
     """Finish or roll back a swap that a crash interrupted, and remove dead writers' leftovers.
 
     ``--overwrite`` records ``{"old": ..., "new": ...}`` in ``.NAME.mpsd-swap.json`` before moving
     the old store aside and the new one into place.  If the target is missing afterwards, the
     committed new store is moved into place (roll forward), or else the old one back (roll back).
-    Temporary folders of writers that are no longer running are deleted.  Call with the lock held.
+    Temporary folders of writers that are no longer running (or of this process: with the lock
+    held, none of its writers is writing this store) are deleted, except ``keep``.  Call with the
+    lock held.
 
     Returns
     -------
@@ -186,16 +195,78 @@ def recover(path: str | Path) -> str | None:
         journal.unlink(missing_ok=True)
         _fsync_path(path.parent)
     for leftover in path.parent.glob(f".{path.name}.mpsd-tmp-*"):
-        try:
-            pid = int(leftover.name.rsplit("-", 2)[1])
-        except (IndexError, ValueError):
+        if keep is not None and leftover.name == keep.name:
             continue
-        if not _pid_alive(pid):
+        if _writer_gone(_writer_pid(leftover)):
             shutil.rmtree(leftover, ignore_errors=True)
             done = done or "removed temporary folders of interrupted runs"
     if done:
         log.info("%s: %s", path, done)
     return done
+
+
+def _writer_pid(tmp: Path) -> int | None:
+    """The pid in a temporary store's name (``.NAME.mpsd-tmp-<pid>-<hex>``), or None."""
+    try:
+        return int(tmp.name.rsplit("-", 2)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _writer_gone(pid: int | None) -> bool:
+    """Whether the writer ``pid`` of a temporary store has stopped (this process's count as stopped)."""
+    return pid is not None and (pid == os.getpid() or not _pid_alive(pid))
+
+
+def interrupted_runs(path: str | Path) -> list[tuple[Path, int]]:
+    """Temporary stores that interrupted runs left beside ``path``, with the images each wrote.
+
+    Only stores whose writer is no longer running (or was this process) and that ``compress
+    --resume`` could take over (uncommitted, with a readable progress record) are listed, most
+    images first.
+    """
+    path = Path(path)
+    found = []
+    for leftover in path.parent.glob(f".{path.name}.mpsd-tmp-*"):
+        if not _writer_gone(_writer_pid(leftover)) or _is_committed(leftover):
+            continue
+        progress = _read_progress(leftover)
+        if progress is not None:
+            found.append((leftover, progress["n_images"]))
+    return sorted(found, key=lambda item: -item[1])
+
+
+def _read_progress(tmp: Path) -> dict[str, Any] | None:
+    """The progress record of a temporary store, checked, or None when it has no usable one."""
+    try:
+        progress = json.loads((tmp / PROGRESS_NAME).read_text())
+        n_done, digests, settings = progress["n_images"], progress["source_crc32c"], progress["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = (
+        isinstance(n_done, int) and n_done >= 0 and isinstance(settings, dict) and isinstance(digests, list)
+        and all(isinstance(d, int) for d in digests)
+    )  # fmt: skip
+    return progress if ok else None
+
+
+def _attrs_of(tmp: Path) -> dict[str, Any] | None:
+    try:
+        attrs = json.loads((tmp / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``key was X, now Y`` for every top-level key that differs (values shortened)."""
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} was {short(old.get(k))}, now {short(new.get(k))}" for k in keys)
 
 
 def _set_rows(writes: list[tuple[Any, np.ndarray]], start: int, stop: int) -> None:
@@ -254,16 +325,48 @@ class StoreWriter:
         What is being written.
     overwrite : bool
         Replace an existing store at ``path`` (only once the new one is committed).
+    resume : bool
+        Take over the temporary store of an interrupted run with the same ``meta`` and
+        ``run_settings``: its chunks are checked (a damaged or missing one, and every one after it,
+        is written again) and :attr:`resumed_images` says where to go on.  The caller checks the
+        source against :attr:`source_crc32c` (:meth:`check_resumed_chunk`).  Without such a store
+        the run starts from the beginning.  Refused, naming the difference, when the interrupted
+        run had other settings; its store is then left as it is.
+    run_settings : dict, optional
+        Settings outside ``meta`` that decide the stored bytes (e.g. the worker count, which splits
+        a ``ratio`` budget); a run is resumed only with the same ones.
+
+    Attributes
+    ----------
+    resumed_images : int
+        Images the interrupted run wrote and this one keeps (0 when not resuming).
+    source_crc32c : list of int
+        CRC-32C of the source images of each finished chunk.
     """
 
-    def __init__(self, path: str | Path, meta: StoreMeta, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        meta: StoreMeta,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        run_settings: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.meta = meta
         self.overwrite = overwrite
+        self.resume = resume
+        self.run_settings = json.loads(json.dumps(run_settings or {}))
         self._lock = _Lock(self.path.parent / f".{self.path.name}.lock")
         self.tmp = self.path.parent / f".{self.path.name}.mpsd-tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self._arrays: dict[str, Any] = {}
         self.committed = False
+        self.resumed_images = 0
+        self.source_crc32c: list[int] = []
+        self.images_written = 0
+        # what an interrupted run wrote is kept if this one fails before writing anything new
+        self._keep_on_failure = False
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> StoreWriter:
@@ -278,65 +381,163 @@ class StoreWriter:
             raise OptionError(f"{self.path.parent}: output folder is not writable")
         self._lock.acquire()
         try:
-            recover(self.path)
-            self._create()
+            adopted = self.resume and self._adopt()
+            recover(self.path, keep=self.tmp)  # removes every other stopped writer's temporary store
+            if adopted:
+                self._reopen()
+            else:
+                self._create()
         except BaseException:
-            self._cleanup()
+            if not self._keep_on_failure:
+                self._cleanup()
+            self._lock.release()
             raise
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self.committed:
-            self._cleanup()
+            interrupted = isinstance(exc, KeyboardInterrupt) and self.images_written > 0
+            if interrupted:
+                log.info("%s: interrupted after %d images; compress --resume continues", self.path, self.images_written)
+            if not (interrupted or self._keep_on_failure):
+                self._cleanup()
         self._lock.release()
 
     def _cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    # ------------------------------------------------------------------ resume
+    def _adopt(self) -> bool:
+        """Move the temporary store of an interrupted run with these settings to :attr:`tmp`."""
+        candidates = interrupted_runs(self.path)
+        if not candidates:
+            log.info("%s: no interrupted run to resume; starting from the beginning", self.path)
+            return False
+        want = json.loads(json.dumps(self.meta.to_attrs()))
+        mismatch = None
+        for leftover, _n in candidates:
+            progress = _read_progress(leftover)
+            attrs = _attrs_of(leftover)
+            if progress is None or attrs is None:
+                continue
+            if attrs == want and progress["settings"] == self.run_settings:
+                os.replace(leftover, self.tmp)
+                self._keep_on_failure = True
+                n_done = min(progress["n_images"], self.meta.n_images)
+                n_chunks = -(-n_done // self.meta.chunk_images)
+                if len(progress["source_crc32c"]) < n_chunks:
+                    n_chunks = len(progress["source_crc32c"])
+                    n_done = n_chunks * self.meta.chunk_images
+                self.resumed_images = n_done
+                self.source_crc32c = list(progress["source_crc32c"][:n_chunks])
+                return True
+            if mismatch is None:
+                mismatch = _differences(attrs, want) or _differences(progress["settings"], self.run_settings)
+        raise OptionError(
+            f"{self.path}: cannot resume: the interrupted run had other settings ({mismatch}); "
+            "run without --resume to start again"
+        )
+
+    def _reopen(self) -> None:
+        """Open the adopted store and keep only the chunks that read back whole."""
+        import zarr
+        from zarr.storage import LocalStore
+
+        try:
+            self.group = zarr.open_group(LocalStore(self.tmp), mode="r+", zarr_format=3)
+            for name, shape, dtype in self._array_specs():
+                arr = self.group[name]
+                if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                    raise StoreError(f"{name}: {arr.shape} {arr.dtype}, expected {shape} {dtype}")
+                self._arrays[name] = arr
+        except Exception as exc:
+            raise StoreError(f"{self.path}: cannot resume: the interrupted run's store is damaged ({exc})") from exc
+        shutil.rmtree(self.tmp / "names", ignore_errors=True)  # written last, made again
+        for leftover in self.tmp.rglob("*.partial"):
+            leftover.unlink()
+        # A crash (power loss) can lose data that was never synced: keep the chunks up to the first
+        # one that is missing or does not decode (crc32c, zstd).
+        ch = self.meta.chunk_images
+        kept = 0
+        for index in range(len(self.source_crc32c)):
+            start, stop = index * ch, min((index + 1) * ch, self.resumed_images)
+            try:
+                for name, arr in self._arrays.items():
+                    if name == "labels":
+                        continue
+                    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+                    if not (self.tmp / name / key).is_file():
+                        raise StoreError(f"{name}/{key}: missing")
+                    arr[start:stop]
+            except Exception as exc:
+                log.info("%s: chunk %d of the interrupted run is written again (%s)", self.path, index, exc)
+                break
+            kept = stop
+        self.resumed_images = kept
+        del self.source_crc32c[-(-kept // ch) :]
+        self.images_written = kept
+
+    def check_resumed_chunk(self, start: int, crc: int) -> None:
+        """Raise :class:`~mpsd.errors.InputError` if the source chunk at ``start`` is not the one written."""
+        index = start // self.meta.chunk_images
+        if crc != self.source_crc32c[index]:
+            stop = min(start + self.meta.chunk_images, self.meta.n_images)
+            raise InputError(
+                f"{self.path}: cannot resume: images {start}..{stop - 1} of the input are not those the "
+                "interrupted run compressed (the input changed); run without --resume to start again"
+            )
+
+    def _record_progress(self) -> None:
+        record = {"n_images": self.images_written, "source_crc32c": self.source_crc32c, "settings": self.run_settings}
+        tmp = self.tmp / (PROGRESS_NAME + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.tmp / PROGRESS_NAME)
+
     # ------------------------------------------------------------------ layout
+    def _array_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of every per-image array of the store."""
+        meta = self.meta
+        n, m = meta.n_images, meta.mps_per_image
+        n_sites = len(meta.layout.sites)
+        specs: list[tuple[str, tuple[int, ...], str]] = []
+        for i in range(len(meta.stages)):
+            for k in range(n_sites):
+                specs.append((f"stage{i}/core{k}", meta.core_shape(i, k), meta.storage_dtype))
+            if meta.storage_dtype == "int8":
+                specs.append((f"stage{i}/scales", (n, m, n_sites), "float32"))
+            specs.append((f"stage{i}/ranks", (n, m, n_sites - 1), "uint16"))
+            if meta.has_metrics:
+                specs.append((f"stage{i}/local_error", (n, m, n_sites - 1), "float32"))
+        if meta.has_metrics:
+            specs.append(("metrics/entropy", (n, m, n_sites - 1), "float32"))
+            specs.append(("metrics/norm", (n, m), "float32"))
+            specs.append(("metrics/error", (n, m), "float32"))
+            specs.append(("metrics/sq_error", (n,), "float64"))
+        if meta.has_labels:
+            specs.append(("labels", (n,), "int64"))
+        return specs
+
     def _create(self) -> None:
         import zarr
         from zarr.storage import LocalStore
 
-        meta = self.meta
-        n, m = meta.n_images, meta.mps_per_image
-        sites = meta.layout.sites
-        n_sites = len(sites)
         store = LocalStore(self.tmp)
-        self.group = zarr.open_group(store, mode="w-", zarr_format=3, attributes={ATTRS_KEY: meta.to_attrs()})
-        ch = meta.chunk_images
+        self.group = zarr.open_group(store, mode="w-", zarr_format=3, attributes={ATTRS_KEY: self.meta.to_attrs()})
+        ch = self.meta.chunk_images
         codecs = array_codecs()
-
-        def make(name: str, shape: tuple[int, ...], dtype: str) -> None:
-            chunks = (min(ch, shape[0]), *shape[1:])
+        for name, shape, dtype in self._array_specs():
             self._arrays[name] = self.group.create_array(
                 name,
                 shape=shape,
                 dtype=dtype,
-                chunks=chunks,
+                chunks=(min(ch, shape[0]), *shape[1:]),
                 fill_value=0,
                 config={"write_empty_chunks": True},
                 **codecs,
             )
 
-        for i in range(len(meta.stages)):
-            for k in range(n_sites):
-                make(f"stage{i}/core{k}", meta.core_shape(i, k), meta.storage_dtype)
-            if meta.storage_dtype == "int8":
-                make(f"stage{i}/scales", (n, m, n_sites), "float32")
-            make(f"stage{i}/ranks", (n, m, n_sites - 1), "uint16")
-            if meta.has_metrics:
-                make(f"stage{i}/local_error", (n, m, n_sites - 1), "float32")
-        if meta.has_metrics:
-            make("metrics/entropy", (n, m, n_sites - 1), "float32")
-            make("metrics/norm", (n, m), "float32")
-            make("metrics/error", (n, m), "float32")
-            make("metrics/sq_error", (n,), "float64")
-        if meta.has_labels:
-            make("labels", (n,), "int64")
-
     # ------------------------------------------------------------------ data
-    def write_batch(self, start: int, batch: EncodedBatch, sq_error: np.ndarray) -> None:
+    def write_batch(self, start: int, batch: EncodedBatch, sq_error: np.ndarray, source_crc32c: int | None = None) -> None:
         """Write the encoded images ``start : start + B``.
 
         Parameters
@@ -347,6 +548,10 @@ class StoreWriter:
             Encoded site tensors of B images (B·M tensors, image-major).
         sq_error : ndarray of shape (B,)
             Sum of squared pixel errors of each decoded integer image.
+        source_crc32c : int, optional
+            CRC-32C of the B source images (:func:`source_crc32c`), recorded so that a resumed run
+            can check it is given the same input.  With it, batches must be whole chunks written
+            in order.
         """
         m = self.meta.mps_per_image
         n_img = sq_error.shape[0]
@@ -371,6 +576,13 @@ class StoreWriter:
             put("metrics/error", batch.error.astype(np.float32))
             writes.append((a["metrics/sq_error"], np.asarray(sq_error)))
         _set_rows(writes, start, stop)
+        self._keep_on_failure = False
+        if source_crc32c is not None:
+            if start != self.images_written or start != len(self.source_crc32c) * self.meta.chunk_images:
+                raise ValueError(f"write_batch: chunks must be written in order (got {start}, expected {self.images_written})")
+            self.source_crc32c.append(int(source_crc32c))
+            self.images_written = stop
+            self._record_progress()
         _fault("after_first_batch")
 
     def write_labels(self, labels: np.ndarray) -> None:
@@ -399,6 +611,8 @@ class StoreWriter:
         try:
             for leftover in self.tmp.rglob("*.partial"):
                 leftover.unlink()
+            for name in (PROGRESS_NAME, PROGRESS_NAME + ".tmp"):
+                (self.tmp / name).unlink(missing_ok=True)
             write_manifest(self.tmp, self.meta.n_images)
             _fault("after_manifest")
             if self.path.exists():
@@ -411,3 +625,10 @@ class StoreWriter:
                 raise StoreError(f"{self.path}: no space left while committing the store") from exc
             raise
         self.committed = True
+
+
+def source_crc32c(images: np.ndarray) -> int:
+    """CRC-32C of a chunk of source images (their bytes in C order), as the progress record keeps it."""
+    import crc32c
+
+    return int(crc32c.crc32c(np.ascontiguousarray(images)))

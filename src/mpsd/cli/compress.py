@@ -45,6 +45,7 @@ def command(
     workers: Annotated[int | None, typer.Option(help="Encoding threads (default: all CPUs).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store once the new one is committed.")] = False,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Keep per-image entropy, errors and PSNR for stats (--no-metrics: only what decoding needs).")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed or interrupted run of the same command: its chunks are checked and kept, the rest is encoded.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Compress a dataset of images into an MPS store.
@@ -54,32 +55,49 @@ def command(
         mpsd compress ./images out.zarr --bond 4,6,6,4
 
         mpsd compress fashion_mnist.npz fm.zarr --bond 2,6,5,2 --residual-bond 2,2,2,2
+
+        mpsd compress big.npz big.zarr --tol 0.05 --resume   # after a crash or Ctrl-C
     """
+    import sys
+
     from mpsd.api import compress
+    from mpsd.archive.writer import interrupted_runs
     from mpsd.core._kernels import tune_allocator
     from mpsd.readers import open_source
 
     tune_allocator()  # the CLI owns its process: keep freed batch memory for reuse (glibc)
 
     images = open_source(source, split=split.value, resize=parse_hw(resize), skip_bad=skip_bad)
-    with progress_bar("compress", images.n_images, quiet=quiet) as update:
-        archive = compress(
-            images,
-            store,
-            bond=bond,
-            tol=tol,
-            ratio=ratio,
-            residual_bonds=residual_bond or (),
-            sites=sites,
-            order=order.value,
-            colour=colour.value,
-            dtype=dtype.value,
-            chunk_images=chunk_images,
-            workers=workers,
-            overwrite=overwrite,
-            metrics=metrics,
-            progress=update,
-        )
+    if resume and not quiet:
+        runs = interrupted_runs(store)
+        what = f"an interrupted run wrote {runs[0][1]:,} images; checking them" if runs else "no interrupted run to resume; starting from the beginning"
+        console.print(f"{store}: {what}")
+    try:
+        with progress_bar("compress", images.n_images, quiet=quiet) as update:
+            archive = compress(
+                images,
+                store,
+                bond=bond,
+                tol=tol,
+                ratio=ratio,
+                residual_bonds=residual_bond or (),
+                sites=sites,
+                order=order.value,
+                colour=colour.value,
+                dtype=dtype.value,
+                chunk_images=chunk_images,
+                workers=workers,
+                overwrite=overwrite,
+                metrics=metrics,
+                resume=resume,
+                progress=update,
+            )
+    except KeyboardInterrupt:
+        runs = interrupted_runs(store)
+        if not runs:
+            raise
+        print(f"mpsd: interrupted; {runs[0][1]:,} images are written. The same command with --resume continues.", file=sys.stderr)
+        sys.exit(130)
     if not quiet:
         s = archive.stats()
         psnr = "not recorded" if not s.metrics_recorded else "lossless" if s.psnr is None else f"{s.psnr:.2f} dB"
