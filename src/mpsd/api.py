@@ -232,7 +232,8 @@ def compress(
     resume : bool
         Continue a run that was killed or interrupted (Ctrl-C) with the same input and settings:
         the chunks it wrote are checked and kept, the source images behind them must have the
-        same CRC-32C, and encoding goes on from the first chunk it did not finish.  The store is
+        same CRC-32C (they are read again, not encoded), and encoding goes on from the first
+        chunk it did not finish.  The store is
         the same, file for file, as an uninterrupted run's.  Without such a run it starts from
         the beginning; an interrupted run with other settings is refused
         (:class:`~mpsd.errors.OptionError`), a changed input too
