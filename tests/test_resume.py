@@ -240,3 +240,66 @@ def test_sigkill_at_random_moments_then_resume(cifar, tmp_path: Path) -> None:
             assert cli("compress", args[0], str(target), *args[1:], "--resume") == 0
         assert hash_tree(target) == hash_tree(ref)
     assert resumed and min(resumed) >= 256  # at least one kill landed mid-run, after a chunk
+
+
+class PowerLoss(BaseException):
+    """Stands for the machine losing power at a fault point (no cleanup runs)."""
+
+
+@pytest.mark.parametrize(("point", "survivors", "kept"), [
+    ("after_first_batch", 0.0, 0),  # nothing synced yet: every file written so far is lost
+    ("batch 3", 0.0, 0),
+    ("batch 3", 0.5, None),  # the kernel had written back half of the unsynced files, at random
+    ("batch 3", 1.0, 300),  # ... or all of them
+    ("before_commit", 0.5, None),
+    ("before_commit", 1.0, 400),
+    ("before_manifest", 0.0, 0),  # everything synced but the manifest; the progress record is gone
+])  # fmt: skip
+def test_power_loss_then_resume(
+    cifar, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, survivors: float, kept: int | None
+) -> None:
+    """RELIABILITY A3, emulated: every file not fsynced since it was written is zero-truncated
+    (each one survives with probability ``survivors``).  The target is never a store that opens
+    with data missing, and ``--resume`` (or a fresh start, when nothing usable is left) ends in the
+    same store as an uninterrupted run."""
+    x = cifar["x_train"][:400]
+    target, ref = tmp_path / "out" / "s.zarr", tmp_path / "ref.zarr"
+    target.parent.mkdir()
+    mpsd.compress(x, ref, bond="4,6,6,4", chunk_images=100)
+
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    batches = []
+
+    def fault(name: str) -> None:
+        if name == "after_first_batch":
+            batches.append(1)
+        if name == point or (point == "batch 3" and name == "after_first_batch" and len(batches) == 3):
+            raise PowerLoss
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", spy)
+        m.setattr(writer_module, "_fault", fault)
+        m.setattr(writer_module.StoreWriter, "_cleanup", lambda self: None)  # no cleanup runs
+        with pytest.raises(PowerLoss):
+            mpsd.compress(x, target, bond="4,6,6,4", chunk_images=100)
+    rng = np.random.default_rng(1)
+    for path in sorted(target.parent.rglob("*")):
+        if path.is_file() and os.path.realpath(path) not in synced and rng.random() >= survivors:
+            path.write_bytes(b"")  # lost with the page cache
+    (target.parent / ".s.zarr.lock").unlink(missing_ok=True)  # the process is gone
+
+    assert not target.exists()
+    with pytest.raises(mpsd.errors.StoreError):
+        mpsd.open(target)
+    seen: list[int] = []
+    mpsd.compress(x, target, bond="4,6,6,4", chunk_images=100, resume=True, progress=seen.append)
+    if kept is not None:  # the first progress report is what the resumed run kept
+        assert seen[0] == (kept or 100)
+    assert hash_tree(target) == hash_tree(ref)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["s.zarr"]

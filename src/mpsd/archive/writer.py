@@ -106,13 +106,14 @@ class _Lock:
 
 
 def hash_tree(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` except the manifest, keyed by POSIX relative path."""
+    """SHA-256 of every file under ``root`` except the manifest (and a writer's progress record),
+    keyed by POSIX relative path."""
     digests = {}
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             full = Path(dirpath) / name
             rel = full.relative_to(root).as_posix()
-            if rel == MANIFEST_NAME:
+            if rel in (MANIFEST_NAME, PROGRESS_NAME, PROGRESS_NAME + ".tmp"):
                 continue
             h = hashlib.sha256()
             with open(full, "rb") as fh:
@@ -133,6 +134,10 @@ def write_manifest(root: Path, n_images: int, extra: dict[str, Any] | None = Non
     with ThreadPoolExecutor(max_workers=16) as pool:
         for _ in pool.map(lambda rel: _fsync_path(root / rel), files):
             pass
+    # the progress record goes only now: a crash while the files were hashed and synced can still
+    # be resumed
+    for name in (PROGRESS_NAME, PROGRESS_NAME + ".tmp"):
+        (root / name).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": version,
@@ -222,8 +227,8 @@ def interrupted_runs(path: str | Path) -> list[tuple[Path, int]]:
     """Temporary stores that interrupted runs left beside ``path``, with the images each wrote.
 
     Only stores whose writer is no longer running (or was this process) and that ``compress
-    --resume`` could take over (uncommitted, with a readable progress record) are listed, most
-    images first.
+    --resume`` could take over (uncommitted, with readable metadata and progress record) are
+    listed, most images first.
     """
     path = Path(path)
     found = []
@@ -231,7 +236,7 @@ def interrupted_runs(path: str | Path) -> list[tuple[Path, int]]:
         if not _writer_gone(_writer_pid(leftover)) or _is_committed(leftover):
             continue
         progress = _read_progress(leftover)
-        if progress is not None:
+        if progress is not None and _attrs_of(leftover) is not None:
             found.append((leftover, progress["n_images"]))
     return sorted(found, key=lambda item: -item[1])
 
@@ -433,6 +438,8 @@ class StoreWriter:
                 return True
             if mismatch is None:
                 mismatch = _differences(attrs, want) or _differences(progress["settings"], self.run_settings)
+        if mismatch is None:  # unreadable since it was listed
+            return False
         raise OptionError(
             f"{self.path}: cannot resume: the interrupted run had other settings ({mismatch}); "
             "run without --resume to start again"
@@ -611,8 +618,6 @@ class StoreWriter:
         try:
             for leftover in self.tmp.rglob("*.partial"):
                 leftover.unlink()
-            for name in (PROGRESS_NAME, PROGRESS_NAME + ".tmp"):
-                (self.tmp / name).unlink(missing_ok=True)
             write_manifest(self.tmp, self.meta.n_images)
             _fault("after_manifest")
             if self.path.exists():
