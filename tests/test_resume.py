@@ -7,6 +7,7 @@ but the manifest, whose only difference is its commit time).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -91,6 +92,8 @@ def test_killed_run_resumes_to_the_same_store(killed: Path, tmp_path: Path, caps
     assert "an interrupted run wrote 100 images; checking them" in printed(capsys)
     assert seen == [100, 200, 300]  # only the chunks the killed run had not finished
     assert hash_tree(target) == hash_tree(killed / "ref.zarr")
+    manifests = [json.loads((s / "mpsd-manifest.json").read_text()) for s in (target, killed / "ref.zarr")]
+    assert manifests[0]["source_crc32c"] == manifests[1]["source_crc32c"]  # the input's record too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "s.zarr"]  # nothing left over
     assert not (target / PROGRESS_NAME).exists()
     assert cli("verify", str(target)) == 0

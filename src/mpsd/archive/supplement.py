@@ -100,7 +100,9 @@ def add_supplement(
             StageMeta(role="supplement", bonds=bonds, spec={"bonds": list(bonds), **(settings or {})}).to_dict()
         ]
         root_meta_path.write_text(json.dumps(root_meta, indent=2))
-        write_manifest(tmp, n, version=meta.format_version)
+        old_manifest = json.loads((path / MANIFEST_NAME).read_text())
+        kept = {k: old_manifest[k] for k in ("source_crc32c", "source_chunk_images") if k in old_manifest}
+        write_manifest(tmp, n, kept, version=meta.format_version)
         swap_into_place(tmp, path)
     except OSError as exc:
         raise StoreError(f"{path}: writing the supplement failed: {exc.strerror or exc}") from exc

@@ -7,9 +7,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpsd.archive.format import MANIFEST_NAME
 from mpsd.errors import MpsdError
+
+if TYPE_CHECKING:
+    from mpsd.readers.base import ImageSource
 
 _PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial$")
 
@@ -20,7 +24,9 @@ class VerifyReport:
 
     Attributes
     ----------
-    state : {"ok", "damaged", "incomplete", "invalid"}
+    state : {"ok", "damaged", "incomplete", "invalid", "input differs"}
+        ``"input differs"``: the store is whole, but the images given to :func:`verify_inputs` are
+        not those it was made from.
     problems : list of str
         One line per damaged, missing or unexpected file.
     files_checked : int
@@ -106,4 +112,47 @@ def verify_store(path: str | Path) -> VerifyReport:
             report.problems.append(f"decode: {exc}")
     if report.problems:
         report.state = "damaged"
+    return report
+
+
+def verify_inputs(path: str | Path, source: ImageSource, report: VerifyReport | None = None) -> VerifyReport:
+    """Check that ``source`` gives the images the committed store ``path`` was made from.
+
+    ``compress`` keeps a CRC-32C of the source images of each chunk in the manifest
+    (``source_crc32c``); the source is read again chunk by chunk (nothing is decoded from the
+    store) and every chunk that differs is reported by its image range.
+
+    Parameters
+    ----------
+    path : str or Path
+        A committed store.
+    source : ImageSource
+        The input, opened as it was for ``compress`` (same split, resize and ``skip_bad``).
+    report : VerifyReport, optional
+        A report of :func:`verify_store` to add to.
+    """
+    from mpsd.archive.writer import source_crc32c
+
+    root = Path(path)
+    report = report or VerifyReport(path=str(root), state="ok")
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_bytes())
+        n_committed = int(manifest["n_committed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.problems.append(f"{root}: no readable manifest to check the input against ({exc})")
+        report.state = "invalid" if report.state == "ok" else report.state
+        return report
+    crcs, chunk = manifest.get("source_crc32c"), manifest.get("source_chunk_images")
+    where = str(source.path)
+    if not isinstance(crcs, list) or not isinstance(chunk, int) or chunk < 1 or len(crcs) != -(-n_committed // chunk):
+        report.problems.append(f"{root}: the store keeps no checksums of its input (made by an earlier version of mpsd)")
+    elif source.n_images != n_committed:
+        report.problems.append(f"{where}: {source.n_images:,} images; the store was made from {n_committed:,}")
+    else:
+        for start, block in source.iter_chunks(chunk):
+            if source_crc32c(block) != crcs[start // chunk]:
+                stop = start + block.shape[0]
+                report.problems.append(f"{where}: images {start}..{stop - 1} are not those the store was made from")
+    if report.problems and report.state == "ok":
+        report.state = "input differs"
     return report

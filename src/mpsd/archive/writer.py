@@ -494,6 +494,13 @@ class StoreWriter:
                 "interrupted run compressed (the input changed); run without --resume to start again"
             )
 
+    def _source_record(self) -> dict[str, Any]:
+        """What the manifest keeps of the source (``verify --inputs``): a CRC-32C per chunk of images."""
+        ch = self.meta.chunk_images
+        if len(self.source_crc32c) != -(-self.meta.n_images // ch):
+            return {}  # written without source checksums (library use of write_batch)
+        return {"source_crc32c": self.source_crc32c, "source_chunk_images": ch}
+
     def _record_progress(self) -> None:
         record = {"n_images": self.images_written, "source_crc32c": self.source_crc32c, "settings": self.run_settings}
         tmp = self.tmp / (PROGRESS_NAME + ".tmp")
@@ -618,7 +625,7 @@ class StoreWriter:
         try:
             for leftover in self.tmp.rglob("*.partial"):
                 leftover.unlink()
-            write_manifest(self.tmp, self.meta.n_images)
+            write_manifest(self.tmp, self.meta.n_images, self._source_record())
             _fault("after_manifest")
             if self.path.exists():
                 swap_into_place(self.tmp, self.path)
