@@ -130,7 +130,7 @@ def test_resume_with_a_changed_input_is_refused(killed: Path, tmp_path: Path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "s.zarr"]
 
 
-@pytest.mark.parametrize("damage", ["flip", "delete", "progress"])
+@pytest.mark.parametrize("damage", ["flip", "delete", "progress", "metadata"])
 def test_damaged_chunks_of_the_interrupted_run_are_written_again(killed: Path, tmp_path: Path, damage: str) -> None:
     src, target = copy_of(killed, tmp_path)
     (leftover, _n), = interrupted_runs(target)
@@ -141,8 +141,10 @@ def test_damaged_chunks_of_the_interrupted_run_are_written_again(killed: Path, t
         chunk.write_bytes(bytes(data))
     elif damage == "delete":
         chunk.unlink()
-    else:  # an unreadable progress record: nothing to resume, the run starts again
+    elif damage == "progress":  # an unreadable progress record: nothing to resume, the run starts again
         (leftover / PROGRESS_NAME).write_text("{")
+    else:  # an array's metadata lost: nothing to resume either
+        (leftover / "stage0" / "core1" / "zarr.json").write_bytes(b"")
     seen: list[int] = []
     mpsd.compress(src, target, bond="4,6,6,4", chunk_images=100, resume=True, progress=seen.append)
     assert seen[0] == 100  # chunk 0 encoded again

@@ -389,8 +389,15 @@ class StoreWriter:
             adopted = self.resume and self._adopt()
             recover(self.path, keep=self.tmp)  # removes every other stopped writer's temporary store
             if adopted:
-                self._reopen()
-            else:
+                try:
+                    self._reopen()
+                except StoreError as exc:  # nothing of it can be used: start from the beginning
+                    log.info("%s; starting from the beginning", exc)
+                    self._cleanup()
+                    self._arrays, self.source_crc32c = {}, []
+                    self.resumed_images = self.images_written = 0
+                    self._keep_on_failure = adopted = False
+            if not adopted:
                 self._create()
         except BaseException:
             if not self._keep_on_failure:
