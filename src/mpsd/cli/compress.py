@@ -68,7 +68,7 @@ def command(
     tune_allocator()  # the CLI owns its process: keep freed batch memory for reuse (glibc)
 
     images = open_source(source, split=split.value, resize=parse_hw(resize), skip_bad=skip_bad)
-    if resume and not quiet:
+    if resume and not quiet and (overwrite or not store.exists()):
         runs = interrupted_runs(store)
         what = f"an interrupted run wrote {runs[0][1]:,} images; checking them" if runs else "no interrupted run to resume; starting from the beginning"
         console.print(f"{store}: {what}")
