@@ -100,6 +100,22 @@ def test_killed_run_resumes_to_the_same_store(killed: Path, tmp_path: Path, caps
     np.testing.assert_array_equal(mpsd.open(target)[:], mpsd.open(killed / "ref.zarr")[:])
 
 
+def test_resume_of_an_overwrite_replaces_the_old_store_only_at_the_end(
+    killed: Path, tmp_path: Path, cifar, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the store an --overwrite run was replacing when it was killed (made first: any other write to
+    # the target discards an interrupted run)
+    mpsd.compress(cifar["x_train"][:40], tmp_path / "s.zarr", bond="2,2,2,2")
+    old = hash_tree(tmp_path / "s.zarr")
+    src, target = copy_of(killed, tmp_path)
+    assert cli("compress", str(src), str(target), *ARGS, "--resume", "-q") == 2  # not without --overwrite
+    assert "already exists" in printed(capsys)
+    assert hash_tree(target) == old and [n for _, n in interrupted_runs(target)] == [100]
+    assert cli("compress", str(src), str(target), *ARGS, "--resume", "--overwrite", "-q") == 0
+    assert hash_tree(target) == hash_tree(killed / "ref.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "s.zarr"]
+
+
 def test_resume_with_other_settings_is_refused_and_keeps_the_leftover(
     killed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -125,8 +141,9 @@ def test_resume_with_a_changed_input_is_refused(killed: Path, tmp_path: Path, ca
     assert "images 0..99 of the input are not those the interrupted run compressed" in err
     assert [n for _, n in interrupted_runs(target)] == [100]  # kept for the right input
     assert not target.exists()
-    # without --resume the run starts again and the leftover goes
-    assert cli("compress", str(src), str(target), *ARGS, "-q") == 0
+    # without --resume the run starts again and the leftover goes, with a note
+    assert cli("compress", str(src), str(target), *ARGS) == 0
+    assert "discarding what an interrupted run wrote (100 images); --resume would have continued it" in printed(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "s.zarr"]
 
 

@@ -68,10 +68,13 @@ def command(
     tune_allocator()  # the CLI owns its process: keep freed batch memory for reuse (glibc)
 
     images = open_source(source, split=split.value, resize=parse_hw(resize), skip_bad=skip_bad)
-    if resume and not quiet and (overwrite or not store.exists()):
+    if not quiet and (overwrite or not store.exists()):
         runs = interrupted_runs(store)
-        what = f"an interrupted run wrote {runs[0][1]:,} images; checking them" if runs else "no interrupted run to resume; starting from the beginning"
-        console.print(f"{store}: {what}")
+        if resume:
+            what = f"an interrupted run wrote {runs[0][1]:,} images; checking them" if runs else "no interrupted run to resume; starting from the beginning"
+            console.print(f"{store}: {what}")
+        elif runs:
+            console.print(f"{store}: discarding what an interrupted run wrote ({runs[0][1]:,} images); --resume would have continued it")
     try:
         with progress_bar("compress", images.n_images, quiet=quiet) as update:
             archive = compress(
