@@ -355,3 +355,52 @@ def test_cli_supplement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     stats = mpsd.open(store).stats()
     assert stats.supplement_bytes == report["supplement_bytes"] > 0
     assert report["bytes_after"] > report["bytes_before"]
+
+
+def test_resumed_evaluation_loads_the_kept_teacher(fm: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation stopped after its original arm resumes its mpsd-kd arms with the same teacher,
+    loaded from ``teacher_dir``, not trained again."""
+    import torch
+
+    from mpsd.evaluate import runner
+    from mpsd.integrations.torch import train
+
+    config = EvalConfig(methods=("original", "mpsd-kd"), budgets=(0.3,), recipe_overrides=FAST, device="cpu",
+                        threads=1, kd_options={"bond": 1, "epochs": 1})  # fmt: skip
+    real_fit, real_build = train.fit, runner.build_kd_arm
+    fits: list[int] = []
+    teachers: list[dict[str, torch.Tensor]] = []
+
+    def build_recording(x, y, budget, teacher, **kwargs):  # type: ignore[no-untyped-def]
+        teachers.append({k: v.detach().clone() for k, v in teacher.state_dict().items()})
+        return real_build(x, y, budget, teacher, **kwargs)
+
+    def fit_then_stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fits.append(1)
+        if len(fits) == 2:  # the student of the mpsd-kd arm
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "build_kd_arm", build_recording)
+    monkeypatch.setattr(train, "fit", fit_then_stop)
+    partials: list = []
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(fm, config, checkpoint=partials.append, teacher_dir=tmp_path)
+    assert (tmp_path / "teacher-seed0.pt").is_file()
+
+    fits.clear()
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (fits.append(1), real_fit(*a, **k))[1])
+    report = run_evaluation(fm, config, resume_from=partials[-1], teacher_dir=tmp_path)
+    assert len(fits) == 1  # the student only; the teacher was loaded
+    assert [r["method"] for r in report.runs] == ["original", "mpsd-kd"]
+    assert len(teachers) == 2 and teachers[0].keys() == teachers[1].keys()
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])
+
+    # a kept teacher made another way is not used
+    saved = torch.load(tmp_path / "teacher-seed0.pt", weights_only=True)
+    from mpsd.integrations.torch.models import build_model
+
+    model = build_model("small_cnn", 1, 10, (28, 28), mean=[0.5], std=[0.5])
+    assert runner._load_teacher(model, tmp_path, 0, saved["key"]) is True
+    assert runner._load_teacher(model, tmp_path, 0, saved["key"].replace("small_cnn", "vgg16")) is False
+    assert runner._load_teacher(model, tmp_path, 1, saved["key"]) is False  # no file for seed 1

@@ -151,9 +151,9 @@ def command(
 
     try:
         if quiet:
-            report = run_evaluation(dataset, config, checkpoint=checkpoint, resume_from=previous)
+            report = run_evaluation(dataset, config, checkpoint=checkpoint, resume_from=previous, teacher_dir=out)
         else:
-            report = _run_with_progress(dataset, config, run_evaluation, checkpoint, previous)
+            report = _run_with_progress(dataset, config, run_evaluation, checkpoint, previous, teacher_dir=out)
     except KeyboardInterrupt:
         if finished:
             print(f"mpsd: the {finished} finished run(s) are in {out / 'results.json'} (marked partial)", file=sys.stderr)
@@ -200,7 +200,7 @@ def _previous_results(out: Path) -> dict[str, Any] | None:
     return previous
 
 
-def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any, previous: Any = None) -> Any:
+def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any, previous: Any = None, teacher_dir: Any = None) -> Any:
     from mpsd.cli._common import event_progress
 
     progress = event_progress()
@@ -232,7 +232,7 @@ def _run_with_progress(dataset: Any, config: Any, run: Any, checkpoint: Any, pre
             progress.console.print(f"[yellow]{info['method']} at {(info.get('budget') or {}).get('label', '')}: {info['reason']}[/]")
 
     with progress:
-        return run(dataset, config, progress=on_event, checkpoint=checkpoint, resume_from=previous)
+        return run(dataset, config, progress=on_event, checkpoint=checkpoint, resume_from=previous, teacher_dir=teacher_dir)
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -291,6 +291,7 @@ def run_evaluation(
     progress: Progress | None = None,
     checkpoint: Callable[[EvalReport], None] | None = None,
     resume_from: EvalReport | dict[str, Any] | None = None,
+    teacher_dir: str | Path | None = None,
 ) -> EvalReport:
     """Train and test a classifier on every arm of ``config``; see the module docstring.
 
@@ -311,6 +312,12 @@ def run_evaluation(
         are kept and not trained again; arms are rebuilt (deterministically, from the same seeds)
         and only the missing runs are trained.  Raises :class:`~mpsd.errors.OptionError` when the
         earlier report was made with different settings or data (see :func:`resume_mismatch`).
+    teacher_dir : str or Path, optional
+        Where the teacher of the ``mpsd-kd`` arms (the original arm's model) is kept, as
+        ``teacher-seed{seed}.pt``, when those arms are planned.  A resumed evaluation whose
+        original arm has finished loads it from there instead of training it again (with the
+        paper's recipe that is hours), provided it was made with the same model, recipe, data and
+        seed.
 
     Returns
     -------
@@ -389,6 +396,14 @@ def run_evaluation(
         failures.extend(previous.get("failures") or [])
         seconds_before = float(previous.get("seconds") or 0.0)
     done = {_run_key(run) for run in runs}
+
+    def teacher_key(seed: int) -> str:
+        """What a kept teacher must have been trained with to stand in for this run's."""
+        import json
+
+        key = {"model": model_name, "recipe": recipe.to_dict(), "dataset": environment["dataset"], "seed": seed,
+               "channels_mean": [float(v) for v in np.ravel(mean)], "torch": tt.torch_version()}  # fmt: skip
+        return json.dumps(_jsonable_config(key), sort_keys=True)
 
     def report(complete: bool) -> EvalReport:
         return EvalReport(
@@ -500,16 +515,23 @@ def run_evaluation(
             teacher = None
             for arm in arms:
                 model = train_arm(arm, seed)
-                if arm.method == "original":
+                if arm.method == "original" and model is not None:
                     teacher = model
+                    if deferred and teacher_dir is not None:
+                        _save_teacher(teacher, Path(teacher_dir), seed, teacher_key(seed))
             # arms that need a teacher: the original arm's model (or one trained the same way)
             for method, budget in deferred:
                 if teacher is None:
-                    emit("train", {"label": f"teacher seed {seed}", "epochs": recipe.max_epochs})
-                    seed_everything(seed)
                     teacher = build_model(model_name, c, num_classes, (h, w), mean=mean, std=std)
-                    fit(teacher, ArrayDataset(x_tr, y_tr), val_ds, recipe, device=device, seed=seed,
-                        progress=lambda event, info: emit(event, info) if event == "epoch" else None)  # fmt: skip
+                    if teacher_dir is None or not _load_teacher(teacher, Path(teacher_dir), seed, teacher_key(seed)):
+                        emit("train", {"label": f"teacher seed {seed}", "epochs": recipe.max_epochs})
+                        seed_everything(seed)
+                        teacher = build_model(model_name, c, num_classes, (h, w), mean=mean, std=std)
+                        fit(teacher, ArrayDataset(x_tr, y_tr), val_ds, recipe, device=device, seed=seed,
+                            progress=lambda event, info: emit(event, info) if event == "epoch" else None)  # fmt: skip
+                        if teacher_dir is not None:
+                            _save_teacher(teacher, Path(teacher_dir), seed, teacher_key(seed))
+                    teacher.to(device)
                 emit("build", {"method": method, "budget": budget.label, "seed": seed})
                 try:
                     arm = build_kd_arm(
@@ -525,6 +547,43 @@ def run_evaluation(
             shutil.rmtree(workdir, ignore_errors=True)
 
     return report(complete=True)
+
+
+def _teacher_path(folder: Path, seed: int) -> Path:
+    return folder / f"teacher-seed{seed}.pt"
+
+
+def _save_teacher(model: Any, folder: Path, seed: int, key: str) -> None:
+    """Keep the teacher's weights (written to a temporary name, then renamed)."""
+    import os
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _teacher_path(folder, seed)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"key": key, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_teacher(model: Any, folder: Path, seed: int, key: str) -> bool:
+    """Load a kept teacher into ``model`` if one made the same way exists; whether it did."""
+    import torch
+
+    path = _teacher_path(folder, seed)
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") != key:
+            log.info("%s: made with other settings; the teacher is trained again", path)
+            return False
+        model.load_state_dict(saved["state_dict"])
+    except Exception as exc:  # a damaged file: train again
+        log.info("%s: cannot be read (%s); the teacher is trained again", path, exc)
+        return False
+    return True
 
 
 def _run_key(run: dict[str, Any]) -> tuple[str, str | None, int, str]:
