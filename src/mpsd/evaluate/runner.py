@@ -309,8 +309,8 @@ def run_evaluation(
         that could not be built, so that a long evaluation that is stopped keeps what it finished.
     resume_from : EvalReport or dict, optional
         A report of an earlier, stopped run of the same evaluation (``results.json``).  Its runs
-        are kept and not trained again; arms are rebuilt (deterministically, from the same seeds)
-        and only the missing runs are trained.  Raises :class:`~mpsd.errors.OptionError` when the
+        are kept and not trained again; arms with missing runs are rebuilt (deterministically,
+        from the same seeds) and only those runs are trained.  Raises :class:`~mpsd.errors.OptionError` when the
         earlier report was made with different settings or data (see :func:`resume_mismatch`).
     teacher_dir : str or Path, optional
         Where the teacher of the ``mpsd-kd`` arms (the original arm's model) is kept, as
