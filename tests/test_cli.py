@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import mpsd
+from cli_helpers import mpsd_subprocess
 from mpsd.cli import app
 from mpsd.data import sample_path
 
@@ -23,12 +24,6 @@ runner = CliRunner()
 
 def run(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def mpsd_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mpsd", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
-    )
 
 
 def test_compress_stats_decompress_on_a_shipped_sample(tmp_path):

@@ -20,31 +20,11 @@ import numpy as np
 import pytest
 
 import mpsd
+from cli_helpers import cli, mpsd_subprocess, printed
 from mpsd.archive import writer as writer_module
 from mpsd.archive.writer import PROGRESS_NAME, hash_tree, interrupted_runs
-from mpsd.cli import main
 
 ARGS = ("--bond", "4,6,6,4", "--chunk-images", "100")
-
-
-def mpsd_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mpsd", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
-    )
-
-
-def cli(*args: str) -> int:
-    """Run the CLI in this process; its exit status."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-        raise SystemExit(0)
-    return int(exc.value.code or 0)
-
-
-def printed(capsys: pytest.CaptureFixture[str]) -> str:
-    """Everything printed so far, stdout and stderr, with the console's line wrapping undone."""
-    got = capsys.readouterr()
-    return " ".join((got.out + got.err).split())
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,9 @@ import pytest
 from PIL import Image
 
 import mpsd
+from cli_helpers import cli, printed
 from mpsd.archive import add_supplement
 from mpsd.archive.format import MANIFEST_NAME
-from mpsd.cli import main
-
-
-def cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-        raise SystemExit(0)
-    return int(exc.value.code or 0)
-
-
-def printed(capsys: pytest.CaptureFixture[str]) -> str:
-    got = capsys.readouterr()
-    return " ".join((got.out + got.err).split())
 
 
 def test_manifest_keeps_a_checksum_of_each_source_chunk(cifar, tmp_path: Path) -> None:
