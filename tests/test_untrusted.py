@@ -201,21 +201,32 @@ def test_no_space_left_is_one_clean_error_and_keeps_the_old_store(tmp_path, cifa
     """A13: ENOSPC on the 20th write: clean StoreError, no temp left, previous store intact."""
     from zarr.storage import LocalStore
 
+    from mpsd.archive import writer
+
     target = tmp_path / "s.zarr"
     mpsd.compress(cifar["x_train"][:16], target, bond="2,2,2,2")
     calls = {"n": 0}
-    original = LocalStore.set
+    original, original_file = LocalStore.set, writer._write_file
 
-    async def failing_set(self, key, value, *args, **kwargs):
+    def full() -> None:  # every file write counts: zarr's (metadata) and the writer's own (chunks)
         calls["n"] += 1
         if calls["n"] == 20:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def failing_set(self, key, value, *args, **kwargs):
+        full()
         return await original(self, key, value, *args, **kwargs)
 
+    def failing_file(path, *parts):
+        full()
+        return original_file(path, *parts)
+
     monkeypatch.setattr(LocalStore, "set", failing_set)
+    monkeypatch.setattr(writer, "_write_file", failing_file)
     with pytest.raises(StoreError, match="No space left"):
         mpsd.compress(cifar["x_train"][:200], target, bond="2,2,2,2", overwrite=True, chunk_images=50)
     monkeypatch.undo()
+    assert calls["n"] == 20
     assert len(mpsd.open(target)) == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 

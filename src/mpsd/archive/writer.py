@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsd.archive.codecs import array_codecs
+from mpsd.archive.codecs import ZSTD_LEVEL, array_codecs
 from mpsd.archive.format import (
     ATTRS_KEY,
     FORMAT_NAME,
@@ -274,6 +274,35 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} was {short(old.get(k))}, now {short(new.get(k))}" for k in keys)
 
 
+#: Write every chunk through zarr's codec pipeline instead of :meth:`StoreWriter._write_chunk`
+#: (tests compare the two).
+_ZARR_WRITES = False
+
+
+class _ZstdLevel:
+    """numcodecs' Zstd at :data:`~mpsd.archive.codecs.ZSTD_LEVEL`, made on first use."""
+
+    codec: Any = None
+
+    def encode(self, data: np.ndarray) -> bytes:
+        if self.codec is None:
+            from numcodecs import Zstd
+
+            self.codec = Zstd(level=ZSTD_LEVEL)
+        return bytes(self.codec.encode(data))
+
+
+_ZSTD = _ZstdLevel()
+
+
+def _write_file(path: Path, *parts: bytes) -> None:
+    """Write ``parts`` to a new file at ``path`` (its folders made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        for part in parts:
+            fh.write(part)
+
+
 def _set_rows(writes: list[tuple[Any, np.ndarray]], start: int, stop: int) -> None:
     """``array[start:stop] = value`` for every pair, all at once on zarr's event loop.
 
@@ -501,6 +530,28 @@ class StoreWriter:
                 "interrupted run compressed (the input changed); run without --resume to start again"
             )
 
+    def _write_chunk(self, name: str, index: int, rows: np.ndarray) -> None:
+        """Write chunk ``index`` of array ``name`` as zarr would: bytes → zstd → CRC-32C.
+
+        The same file, byte for byte, as ``array[rows] = value`` through zarr's codec pipeline
+        (``tests/test_format.py`` compares whole stores), for a fifth of the CPU: zarr's
+        event loop and indexing cost about 5 µs per CIFAR-10 image, compression 1 µs.  A last chunk
+        that is not full is padded with the fill value (0), as zarr stores edge chunks.
+        """
+        import google_crc32c
+
+        arr = self._arrays[name]
+        dtype = np.dtype(arr.dtype).newbyteorder("<")
+        chunk_shape = tuple(arr.chunks)
+        data = np.ascontiguousarray(rows, dtype=dtype)
+        if data.shape != chunk_shape:
+            padded = np.zeros(chunk_shape, dtype=dtype)
+            padded[: data.shape[0]] = data
+            data = padded
+        body = _ZSTD.encode(data)
+        path = self.tmp / name / arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+        _write_file(path, body, google_crc32c.value(body).to_bytes(4, "little"))
+
     def _source_record(self) -> dict[str, Any]:
         """What the manifest keeps of the source (``verify --inputs``): a CRC-32C per chunk of images."""
         ch = self.meta.chunk_images
@@ -577,11 +628,10 @@ class StoreWriter:
         m = self.meta.mps_per_image
         n_img = sq_error.shape[0]
         stop = start + n_img
-        a = self._arrays
-        writes: list[tuple[Any, np.ndarray]] = []
+        writes: list[tuple[str, np.ndarray]] = []
 
         def put(name: str, value: np.ndarray) -> None:
-            writes.append((a[name], value.reshape(n_img, m, *value.shape[1:]) if value.shape[0] == n_img * m else value))
+            writes.append((name, value.reshape(n_img, m, *value.shape[1:]) if value.shape[0] == n_img * m else value))
 
         for i, stage in enumerate(batch.stages):
             for k, rows in enumerate(stored_cores(self.meta, i, stage.cores, stage.ranks)):
@@ -595,8 +645,13 @@ class StoreWriter:
             put("metrics/entropy", batch.entropy.astype(np.float32))
             put("metrics/norm", batch.norm.astype(np.float32))
             put("metrics/error", batch.error.astype(np.float32))
-            writes.append((a["metrics/sq_error"], np.asarray(sq_error)))
-        _set_rows(writes, start, stop)
+            writes.append(("metrics/sq_error", np.asarray(sq_error)))
+        ch = self.meta.chunk_images
+        if start % ch == 0 and (stop - start == ch or stop == self.meta.n_images) and not _ZARR_WRITES:
+            for name, value in writes:
+                self._write_chunk(name, start // ch, value)
+        else:
+            _set_rows([(self._arrays[name], value) for name, value in writes], start, stop)
         self._keep_on_failure = False
         if source_crc32c is not None:
             if start != self.images_written or start != len(self.source_crc32c) * self.meta.chunk_images:
