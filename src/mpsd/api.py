@@ -233,11 +233,10 @@ def compress(
         Continue a run that was killed or interrupted (Ctrl-C) with the same input and settings:
         the chunks it wrote are checked and kept, the source images behind them must have the
         same CRC-32C (they are read again, not encoded), and encoding goes on from the first
-        chunk it did not finish.  The store is
-        the same, file for file, as an uninterrupted run's.  Without such a run it starts from
-        the beginning; an interrupted run with other settings is refused
-        (:class:`~mpsd.errors.OptionError`), a changed input too
-        (:class:`~mpsd.errors.InputError`), and its temporary store is left for a later resume.
+        chunk it did not finish.  The store is the same, file for file, as an uninterrupted
+        run's.  Without such a run it starts from the beginning.  An interrupted run with other
+        settings is refused (:class:`~mpsd.errors.OptionError`), and so is a changed input
+        (:class:`~mpsd.errors.InputError`); its temporary store is then left for a later resume.
     progress : callable, optional
         Called with the number of images finished after every chunk.
 
@@ -303,8 +302,8 @@ def _write_store(
     resume: bool,
     progress: Callable[[int], None] | None,
 ) -> None:
-    # Pipeline: the workers encode chunk k+1 while one I/O thread writes chunk k (zarr's
-    # compression and file writes release the GIL).  At most two chunks are in flight, so memory
+    # Pipeline: the workers encode chunk k+1 while one I/O thread writes chunk k (zstd and the
+    # file writes release the GIL).  At most two chunks are in flight, so memory
     # does not grow with the number of images.
     def encode(part: np.ndarray) -> tuple[EncodedBatch, np.ndarray]:
         return _encode_images(part, layout, specs, dtype, max_value, meta.has_metrics)
