@@ -7,6 +7,7 @@ but the manifest, whose only difference is its commit time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -148,22 +150,27 @@ def test_damaged_chunks_of_the_interrupted_run_are_written_again(killed: Path, t
     assert hash_tree(target) == hash_tree(killed / "ref.zarr")
 
 
-def test_ctrl_c_keeps_the_finished_chunks_for_resume(cifar, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src, target = tmp_path / "in.npy", tmp_path / "s.zarr"
-    np.save(src, cifar["x_train"][:400])
+@contextlib.contextmanager
+def ctrl_c_at_chunk(n: int) -> Iterator[None]:
+    """Ctrl-C (``KeyboardInterrupt``) where the ``n``-th chunk would be written."""
     real, calls = writer_module.StoreWriter.write_batch, []
 
-    def interrupted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def write_batch(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    writer_module.StoreWriter.write_batch = interrupted  # type: ignore[method-assign]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer_module.StoreWriter, "write_batch", write_batch)
+        yield
+
+
+def test_ctrl_c_keeps_the_finished_chunks_for_resume(cifar, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, target = tmp_path / "in.npy", tmp_path / "s.zarr"
+    np.save(src, cifar["x_train"][:400])
+    with ctrl_c_at_chunk(3):
         assert cli("compress", str(src), str(target), *ARGS, "--tol", "0.05", "-q") == 130
-    finally:
-        writer_module.StoreWriter.write_batch = real  # type: ignore[method-assign]
     err = capsys.readouterr().err
     assert "interrupted; 200 images are written. The same command with --resume continues." in err
     assert not target.exists()
@@ -173,13 +180,8 @@ def test_ctrl_c_keeps_the_finished_chunks_for_resume(cifar, tmp_path: Path, caps
     assert hash_tree(target) == hash_tree(ref)
 
     # interrupted before any chunk is written: nothing is kept, as before
-    calls.clear()
-    writer_module.StoreWriter.write_batch = lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            mpsd.compress(np.load(src), tmp_path / "t.zarr", bond="2,2,2,2")
-    finally:
-        writer_module.StoreWriter.write_batch = real  # type: ignore[method-assign]
+    with ctrl_c_at_chunk(1), pytest.raises(KeyboardInterrupt):
+        mpsd.compress(np.load(src), tmp_path / "t.zarr", bond="2,2,2,2")
     assert interrupted_runs(tmp_path / "t.zarr") == []
     assert not list(tmp_path.glob(".t.zarr.mpsd-tmp-*"))
 
@@ -189,20 +191,8 @@ def test_ratio_runs_resume_only_with_the_same_worker_count(cifar, tmp_path: Path
     from mpsd.errors import OptionError
 
     x = cifar["x_train"][:300]
-    real, calls = writer_module.StoreWriter.write_batch, []
-
-    def interrupted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    writer_module.StoreWriter.write_batch = interrupted  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            mpsd.compress(x, tmp_path / "s.zarr", ratio=0.3, chunk_images=100, workers=2)
-    finally:
-        writer_module.StoreWriter.write_batch = real  # type: ignore[method-assign]
+    with ctrl_c_at_chunk(2), pytest.raises(KeyboardInterrupt):
+        mpsd.compress(x, tmp_path / "s.zarr", ratio=0.3, chunk_images=100, workers=2)
     with pytest.raises(OptionError, match=r"other settings \(workers was 2, now 1\)"):
         mpsd.compress(x, tmp_path / "s.zarr", ratio=0.3, chunk_images=100, workers=1, resume=True)
     mpsd.compress(x, tmp_path / "s.zarr", ratio=0.3, chunk_images=100, workers=2, resume=True)
