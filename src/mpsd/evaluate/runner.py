@@ -310,8 +310,9 @@ def run_evaluation(
     resume_from : EvalReport or dict, optional
         A report of an earlier, stopped run of the same evaluation (``results.json``).  Its runs
         are kept and not trained again; arms with missing runs are rebuilt (deterministically,
-        from the same seeds) and only those runs are trained.  Raises :class:`~mpsd.errors.OptionError` when the
-        earlier report was made with different settings or data (see :func:`resume_mismatch`).
+        from the same seeds) and only those runs are trained.  Raises
+        :class:`~mpsd.errors.OptionError` when the earlier report was made with different
+        settings or data (see :func:`resume_mismatch`).
     teacher_dir : str or Path, optional
         Where the teacher of the ``mpsd-kd`` arms (the original arm's model) is kept, as
         ``teacher-seed{seed}.pt``, when those arms are planned.  A resumed evaluation whose
