@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -230,15 +231,19 @@ def interrupted_runs(path: str | Path) -> list[tuple[Path, int]]:
     --resume`` could take over (uncommitted, with readable metadata and progress record) are
     listed, most images first.
     """
-    path = Path(path)
+    return [(leftover, progress["n_images"]) for leftover, _attrs, progress in _resumable_runs(Path(path))]
+
+
+def _resumable_runs(path: Path) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
+    """(folder, metadata attributes, progress record) of each run :func:`interrupted_runs` lists."""
     found = []
     for leftover in path.parent.glob(f".{path.name}.mpsd-tmp-*"):
         if not _writer_gone(_writer_pid(leftover)) or _is_committed(leftover):
             continue
-        progress = _read_progress(leftover)
-        if progress is not None and _attrs_of(leftover) is not None:
-            found.append((leftover, progress["n_images"]))
-    return sorted(found, key=lambda item: -item[1])
+        progress, attrs = _read_progress(leftover), _attrs_of(leftover)
+        if progress is not None and attrs is not None:
+            found.append((leftover, attrs, progress))
+    return sorted(found, key=lambda item: -item[2]["n_images"])
 
 
 def _read_progress(tmp: Path) -> dict[str, Any] | None:
@@ -279,20 +284,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 _ZARR_WRITES = False
 
 
-class _ZstdLevel:
-    """numcodecs' Zstd at :data:`~mpsd.archive.codecs.ZSTD_LEVEL`, made on first use."""
+@functools.cache
+def _zstd() -> Any:
+    """numcodecs' Zstd at :data:`~mpsd.archive.codecs.ZSTD_LEVEL` (the level zarr is given)."""
+    from numcodecs import Zstd
 
-    codec: Any = None
-
-    def encode(self, data: np.ndarray) -> bytes:
-        if self.codec is None:
-            from numcodecs import Zstd
-
-            self.codec = Zstd(level=ZSTD_LEVEL)
-        return bytes(self.codec.encode(data))
-
-
-_ZSTD = _ZstdLevel()
+    return Zstd(level=ZSTD_LEVEL)
 
 
 def _write_file(path: Path, *parts: bytes) -> None:
@@ -450,17 +447,13 @@ class StoreWriter:
     # ------------------------------------------------------------------ resume
     def _adopt(self) -> bool:
         """Move the temporary store of an interrupted run with these settings to :attr:`tmp`."""
-        candidates = interrupted_runs(self.path)
+        candidates = _resumable_runs(self.path)
         if not candidates:
             log.info("%s: no interrupted run to resume; starting from the beginning", self.path)
             return False
         want = json.loads(json.dumps(self.meta.to_attrs()))
         mismatch = None
-        for leftover, _n in candidates:
-            progress = _read_progress(leftover)
-            attrs = _attrs_of(leftover)
-            if progress is None or attrs is None:
-                continue
+        for leftover, attrs, progress in candidates:
             if attrs == want and progress["settings"] == self.run_settings:
                 os.replace(leftover, self.tmp)
                 self._keep_on_failure = True
@@ -474,8 +467,6 @@ class StoreWriter:
                 return True
             if mismatch is None:
                 mismatch = _differences(attrs, want) or _differences(progress["settings"], self.run_settings)
-        if mismatch is None:  # unreadable since it was listed
-            return False
         raise OptionError(
             f"{self.path}: cannot resume: the interrupted run had other settings ({mismatch}); "
             "run without --resume to start again"
@@ -548,7 +539,7 @@ class StoreWriter:
             padded = np.zeros(chunk_shape, dtype=dtype)
             padded[: data.shape[0]] = data
             data = padded
-        body = _ZSTD.encode(data)
+        body = bytes(_zstd().encode(data))
         path = self.tmp / name / arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
         _write_file(path, body, google_crc32c.value(body).to_bytes(4, "little"))
 
