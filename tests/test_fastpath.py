@@ -74,6 +74,8 @@ def _gram_cases():
         "n56": spd(10, 56, 80),
         "tiny": spd(9, 16, 64) * 1e-200,
         "huge": spd(9, 16, 64) * 1e200,
+        # each matrix is scaled on its own: tiny, huge and ordinary ones side by side in a batch
+        "mixed": spd(12, 16, 64) * np.repeat([1e-200, 1.0, 1e200], 4)[:, None, None],
     }
 
 
@@ -106,6 +108,30 @@ def test_eigh_top_subspace_matches_lapack_on_real_grams(numpy_only, cifar):
     # up to sign, the same eigenvectors (the spectra of photos have no repeated values)
     dots = np.abs(np.einsum("bij,bij->bj", v, v0))
     np.testing.assert_allclose(dots[:, :6], 1.0, atol=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_eigh_hands_matrices_that_are_not_finite_to_lapack(numpy_only, value):
+    g = _gram_cases()["random16"][:10].copy()
+    g[3, 2, 2] = value
+
+    def outcome():
+        try:
+            return _kernels.eigh_desc(g)
+        except np.linalg.LinAlgError as e:
+            return str(e)
+
+    fast, ref = both(numpy_only, outcome)
+    if isinstance(ref, str):  # LAPACK refused the matrix: so does the fast path
+        assert fast == ref
+    else:
+        np.testing.assert_array_equal(fast[0][3], ref[0][3])
+        np.testing.assert_array_equal(fast[1][3], ref[1][3])
+    fine = [i for i in range(10) if i != 3]
+    w, _ = _kernels.eigh_desc(g[fine])
+    w0 = np.linalg.eigvalsh(g[fine])[:, ::-1]
+    np.testing.assert_allclose(w, w0, rtol=0, atol=1e-12 * np.abs(w0).max())
 
 
 @needs_numba

@@ -131,21 +131,10 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.nd
     if not use_numba() or g.ndim != 3 or g.shape[0] == 0 or g.shape[1] == 0:
         return eigh_desc_numpy(g, vectors)
     b, n = g.shape[:2]
-    # Matrices far from unit size are scaled by a power of two first (exact: it changes no
-    # rounding) so that no square in the kernel overflows or underflows.
-    peak = np.abs(g.reshape(b, -1)).max(axis=1)
-    odd = (peak > 2.0**300) | ((peak < 2.0**-300) & (peak > 0))
-    scale = None
-    if odd.any():
-        scale = np.ones(b)
-        scale[odd] = np.exp2(-np.round(np.log2(peak[odd])))
-        g = g * scale[:, None, None]
     vals = np.empty((b, n))
     vecs = np.empty((b, n, n)) if vectors else np.empty((0, 0, 0))
-    bad = ~np.isfinite(peak)
+    bad = np.zeros(b, dtype=np.bool_)
     _kernels()["eigh_batch"](g, vectors, MAX_QL_ITERATIONS, vals, vecs, bad)
-    if scale is not None:
-        vals /= scale[:, None]
     if bad.any():  # safety net: not converged or not finite, LAPACK decides
         w2, v2 = eigh_desc_numpy(np.ascontiguousarray(gram, dtype=np.float64)[bad], vectors)
         vals[bad] = w2

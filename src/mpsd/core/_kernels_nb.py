@@ -236,10 +236,26 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
     e = np.empty(lanes * n)
     st = np.empty((11, lanes))
     dv = np.empty(n)
+    order = np.empty(n, dtype=np.int64)
+    scale = np.ones(lanes)
     for t0 in range(0, b, lanes):
         nb = min(lanes, b - t0)
         w[: nb * nn] = gf[t0 * nn : (t0 + nb) * nn]
         w[nb * nn :] = 0.0
+        for v in range(nb):
+            # a matrix far from unit size is scaled by a power of two (exact: it changes no
+            # rounding) so that no square in the kernel overflows or underflows; one that is
+            # not finite is left to LAPACK
+            peak = 0.0
+            for q in range(v * nn, (v + 1) * nn):
+                peak = max(peak, abs(w[U(q)]))
+            scale[v] = 1.0
+            if not np.isfinite(peak):
+                bad[U(t0 + v)] = True
+            elif peak > 2.0**300 or (0.0 < peak < 2.0**-300):
+                scale[v] = 2.0 ** -round(math.log2(peak))
+                for q in range(v * nn, (v + 1) * nn):
+                    w[U(q)] *= scale[v]
         for v in range(lanes):
             tred2(w, v * nn, d, v * n, e, n, vec)
         ok = tql2_lanes(w, d, e, n, vec, maxit, st)
@@ -250,10 +266,17 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
                 dv[U(i)] = d[U(v * n + i)]
                 if not np.isfinite(dv[U(i)]):
                     bad[U(t0 + v)] = True
-            order = np.argsort(-dv, kind="mergesort")
+            # stable insertion sort of the indices by descending value (no allocation per matrix)
+            for j in range(n):
+                x = dv[U(j)]
+                k = j
+                while k > 0 and dv[U(order[U(k - 1)])] < x:
+                    order[U(k)] = order[U(k - 1)]
+                    k -= 1
+                order[U(k)] = j
             for j in range(n):
                 x = dv[U(order[j])]
-                vals[U(t0 + v), U(j)] = x if x > 0.0 else 0.0
+                vals[U(t0 + v), U(j)] = x / scale[v] if x > 0.0 else 0.0
             if vec:
                 for j in range(n):
                     oj = v * nn + order[U(j)] * n
