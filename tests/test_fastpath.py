@@ -147,6 +147,16 @@ def test_eigh_result_does_not_depend_on_the_batch_it_is_in(cifar):
 
 # ---------------------------------------------------------------- small linear algebra
 @needs_numba
+@pytest.mark.parametrize("shape", [(9, 16, 64), (5, 4, 256), (3, 1, 7), (4, 7, 7)])
+def test_gram_rows_matches_matmul(numpy_only, shape):
+    m = np.random.default_rng(8).normal(size=shape)
+    g, g0 = both(numpy_only, lambda: _kernels.gram_rows(m))
+    np.testing.assert_allclose(g, m @ m.transpose(0, 2, 1), rtol=1e-13, atol=1e-13 * shape[2])
+    np.testing.assert_array_equal(g, g.transpose(0, 2, 1))
+    np.testing.assert_array_equal(g0, m @ m.transpose(0, 2, 1))  # numpy path: plain matmul
+
+
+@needs_numba
 @pytest.mark.parametrize("shape", [(7, 24, 6), (5, 4, 4), (3, 9, 1), (4, 64, 8)])
 def test_qr_is_a_valid_reduced_qr(shape):
     rng = np.random.default_rng(1)

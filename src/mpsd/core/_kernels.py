@@ -10,6 +10,7 @@ replace it:
   latency-bound rotation chains of independent matrices overlap.  A matrix whose rotations have
   converged takes identity rotations, so every matrix gets exactly the arithmetic it would get
   alone: results do not depend on how a batch is split.
+* :func:`gram_rows` — Gram matrices ``M Mᵀ`` of a batch of small wide matrices.
 * :func:`qr` — Householder QR of a batch of small tall matrices.
 * :func:`contract_cores`, :func:`decode_rounded` — contraction of a batch of MPS from both ends
   (``decode_rounded`` also sums the stages and rounds each tensor into its image in the same pass).
@@ -70,6 +71,7 @@ def _kernels() -> dict[str, Any]:
                         )
                     a = np.ones((1, 2, 2))
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
+                    nb.gram_rows(a, np.empty((1, 2, 2)))
                     nb.gauge_quantize(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
                                       np.empty((1, 2), dtype=np.int8), np.empty((1, 2), dtype=np.float32))
                     nb.contract_packed(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
@@ -92,7 +94,7 @@ def _kernels() -> dict[str, Any]:
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch,
-                    "qr": nb.qr_batch, "gather_scale": nb.gather_scale,
+                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "gather_scale": nb.gather_scale,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
@@ -141,6 +143,20 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.nd
         if vectors:
             vecs[bad] = v2
     return vals, (vecs if vectors else None)
+
+
+def gram_rows(m: np.ndarray) -> np.ndarray:
+    """``m @ mᵀ`` for a batch of wide matrices (B, r, p), r <= p: shape (B, r, r), exactly symmetric.
+
+    With numba, dot products of rows computed once per pair (half of ``matmul``'s arithmetic);
+    otherwise ``numpy.matmul``.  The two differ by rounding only.
+    """
+    if not use_numba() or m.ndim != 3 or m.shape[0] == 0 or m.shape[1] > m.shape[2]:
+        return m @ m.transpose(0, 2, 1)
+    b, r, _ = m.shape
+    out = np.empty((b, r, r))
+    _kernels()["gram_rows"](np.ascontiguousarray(m, dtype=np.float64), out)
+    return out
 
 
 def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -284,6 +284,27 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
                         vecs[U(t0 + v), U(i), U(j)] = w[U(oj + i)]
 
 
+@njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
+def gram_rows(x, out):  # pragma: no cover - compiled
+    # out[t] = x[t] @ x[t].T for x (B, m, p) C-contiguous, m <= p: the upper triangle as dot
+    # products of rows (vectorised over p), mirrored, so out[t] is exactly symmetric.
+    b, m, p = x.shape
+    xf = x.reshape(b * m * p)
+    of = out.reshape(b * m * m)
+    for t in range(b):
+        ox = t * m * p
+        oo = t * m * m
+        for i in range(m):
+            oi = ox + i * p
+            for j in range(i, m):
+                oj = ox + j * p
+                s = 0.0
+                for k in range(p):
+                    s += xf[U(oi + k)] * xf[U(oj + k)]
+                of[U(oo + i * m + j)] = s
+                of[U(oo + j * m + i)] = s
+
+
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract"})
 def qr_batch(x, q, r):  # pragma: no cover - compiled
     # Householder QR of x[t] (m×k, m >= k): q[t] (m×k) with orthonormal columns, r[t] (k×k)

@@ -43,7 +43,7 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
     if on_left:
         k = on_left[-1]
         m = a.reshape(b, left[k], right[k])
-        g = m @ m.transpose(0, 2, 1)
+        g = _kernels.gram_rows(m)
         w, v = _kernels.eigh_desc(g, vectors=True)
         assert v is not None
         _kernels.remember_eigh(g, w, v)

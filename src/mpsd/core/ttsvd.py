@@ -209,7 +209,7 @@ def tt_svd(
             m_mat = np.broadcast_to(np.eye(p), (b, p, p))
             continue
         if m <= p:
-            sq_sv, vecs = _eigh_left(m_mat @ m_mat.transpose(0, 2, 1))
+            sq_sv, vecs = _eigh_left(_kernels.gram_rows(m_mat))
         else:
             sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat)
         r = want
