@@ -13,6 +13,7 @@ from mpsd.core.layout import choose_layout
 from mpsd.core.spectra import (
     entanglement_entropy,
     local_truncation_errors,
+    spectra_and_left_basis,
     theorem1_bound,
     unfolding_spectra,
 )
@@ -168,6 +169,26 @@ def test_theorem1_bound_holds(cifar):
         assert (err <= bound * (1 + 1e-9) + 1e-12).all()
         # and the local error of each bond alone is a lower bound (best rank-r approximation)
         assert (err >= local_truncation_errors(spectra, tt.ranks).max(axis=1) * (1 - 1e-9)).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"max_bonds": (4, 6, 6, 4)}, {"tol": 0.05}])
+def test_tt_svd_reuses_the_left_basis_of_the_spectra(cifar, kwargs):
+    tensors = _channels(cifar, 24)
+    spectra, basis = spectra_and_left_basis(tensors)
+    assert basis is not None and basis.bond == 1  # 4,4,4,4,4: G of the 16 × 64 unfolding
+    np.testing.assert_array_equal(basis.values, spectra[1])
+    plain = tt_svd(tensors, **kwargs)
+    reused = tt_svd(tensors, left_basis=basis, **kwargs)
+    np.testing.assert_array_equal(reused.ranks, plain.ranks)
+    np.testing.assert_allclose(
+        contract(reused.cores), contract(plain.cores), atol=1e-12 * np.abs(tensors).max()
+    )
+    # it is used, not recomputed: a basis of other tensors gives other cores
+    other = spectra_and_left_basis(tensors[::-1].copy())[1]
+    swapped = tt_svd(tensors, left_basis=other, **kwargs)
+    assert not np.allclose(contract(swapped.cores), contract(plain.cores), atol=1e-6)
+    with pytest.raises(ValueError, match="left_basis has shape"):
+        tt_svd(tensors[:5], left_basis=basis, **kwargs)
 
 
 # ---------------------------------------------------------------- stages and ratio

@@ -487,45 +487,6 @@ def unfold_rounded(
     return out
 
 
-# ---------------------------------------------------------------------- sharing between calls
-_memo = threading.local()
-#: Largest eigendecomposition (Gram + vectors) kept between unfolding_spectra and tt_svd.
-MEMO_MAX_BYTES = 256 * 2**20
-
-
-def remember_eigh(gram: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
-    """Keep the last eigendecomposition computed by this thread (see :func:`recall_eigh`).
-
-    :func:`mpsd.core.spectra.unfolding_spectra` decomposes the Gram matrix of an unfolding of the
-    original tensors, and :func:`mpsd.core.ttsvd.tt_svd` needs the very same Gram matrix at that
-    bond whenever no earlier bond was truncated.  The Gram matrix itself is the key: a tensor
-    whose Gram matrix is bit-for-bit equal gets the same eigendecomposition, so reuse is exact.
-    """
-    if gram.nbytes + vectors.nbytes > MEMO_MAX_BYTES:
-        _memo.item = None  # too big to keep around between calls
-        return
-    _memo.item = (gram, values, vectors)
-
-
-def recall_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(match, values, vectors)`` for the tensors whose Gram equals the remembered one, or None."""
-    item = getattr(_memo, "item", None)
-    if item is None:
-        return None
-    g0, w0, v0 = item
-    if g0.shape != gram.shape:
-        return None
-    match = (g0 == gram).all(axis=(1, 2))
-    if not match.any():
-        return None
-    return match, w0, v0
-
-
-def forget_eigh() -> None:
-    """Drop what :func:`remember_eigh` kept (frees the memory)."""
-    _memo.item = None
-
-
 # ---------------------------------------------------------------------- allocator
 _malloc_tuned = False
 

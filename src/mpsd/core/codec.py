@@ -19,8 +19,8 @@ from mpsd.core.quantize import dequantize, quantize
 from mpsd.core.spectra import (
     entanglement_entropy,
     local_truncation_errors,
+    spectra_and_left_basis,
     theorem1_bound,
-    unfolding_spectra,
 )
 from mpsd.core.ttsvd import check_bonds, exact_ranks, parameter_count, tt_svd
 from mpsd.errors import OptionError
@@ -235,7 +235,7 @@ def encode_batch(
     entropy = np.full((b, n1), np.nan)
     for i, spec in enumerate(stages):
         target = s if i == 0 else (flat - total).reshape(s.shape)
-        spectra = unfolding_spectra(target) if metrics or spec.ratio is not None else None
+        spectra, basis = spectra_and_left_basis(target) if metrics or spec.ratio is not None else (None, None)
         if i == 0 and metrics:
             assert spectra is not None
             entropy = entanglement_entropy(spectra)
@@ -243,7 +243,7 @@ def encode_batch(
         if spec.ratio is not None:
             assert spectra is not None
             caps = ranks_for_budget(spectra, sites, spec.ratio * b * math.prod(sites), caps)
-        tt = tt_svd(target, max_bonds=caps, tol=spec.tol)
+        tt = tt_svd(target, max_bonds=caps, tol=spec.tol, left_basis=basis)
         local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
         stored, scales = _store_cores(tt.cores, dtype)
         if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers

@@ -4,10 +4,33 @@ and the Theorem 1 bound, all computed from the singular values of the unfoldings
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from mpsd.core import _kernels
+
+
+@dataclass(frozen=True)
+class LeftBasis:
+    """Eigendecomposition of the Gram matrix ``G_k = A_(k) A_(k)ᵀ`` of one left unfolding.
+
+    Kept by :func:`spectra_and_left_basis` for :func:`mpsd.core.ttsvd.tt_svd`, whose sweep meets
+    the same matrix at bond ``k`` whenever no earlier bond changed the tensors.
+
+    Attributes
+    ----------
+    bond : int
+        k (0-based, as the bonds of ``tt_svd``): the unfolding ``A[j_1..j_{k+1} ; j_{k+2}..j_n]``.
+    values : ndarray of shape (B, m)
+        Eigenvalues, largest first (squared singular values of the unfolding).
+    vectors : ndarray of shape (B, m, m)
+        Column j belongs to ``values[:, j]``.
+    """
+
+    bond: int
+    values: np.ndarray
+    vectors: np.ndarray
 
 
 def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
@@ -29,8 +52,21 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
     is the smaller one, ``G_k = A_(k) A_(k)ᵀ``, and that of the first unfolding whose column side is
     the smaller one, ``H_k = A_(k)ᵀ A_(k)``.  The others follow by partial traces,
     ``G_{k-1} = Σ_{j_k} G_k[(·, j_k), (·, j_k)]`` and ``H_{k+1} = Σ_{j_{k+1}} H_k[(j_{k+1}, ·), (j_{k+1}, ·)]``,
-    which are the same sums regrouped.  The eigendecomposition of ``G_k`` is kept for
-    :func:`mpsd.core.ttsvd.tt_svd`, whose sweep meets the same matrix at bond k.
+    which are the same sums regrouped.
+    """
+    return spectra_and_left_basis(tensors)[0]
+
+
+def spectra_and_left_basis(tensors: np.ndarray) -> tuple[list[np.ndarray], LeftBasis | None]:
+    """:func:`unfolding_spectra`, and the eigenvectors of ``G_k`` it computed on the way.
+
+    Returns
+    -------
+    spectra : list of n−1 ndarray
+        As :func:`unfolding_spectra`.
+    basis : LeftBasis or None
+        The eigendecomposition of ``G_k`` (None when no unfolding has the smaller row side), to
+        pass to :func:`mpsd.core.ttsvd.tt_svd` as ``left_basis``.
     """
     a = np.asarray(tensors, dtype=np.float64)
     b, sites = a.shape[0], a.shape[1:]
@@ -40,13 +76,14 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
     out: list[np.ndarray] = [np.zeros((b, 0))] * (n - 1)
     on_left = [k for k in range(n - 1) if left[k] <= right[k]]
     on_right = [k for k in range(n - 1) if left[k] > right[k]]
+    basis = None
     if on_left:
         k = on_left[-1]
         m = a.reshape(b, left[k], right[k])
         g = _kernels.gram_rows(m)
         w, v = _kernels.eigh_desc(g, vectors=True)
         assert v is not None
-        _kernels.remember_eigh(g, w, v)
+        basis = LeftBasis(bond=k, values=w, vectors=v)
         out[k] = w
         for k in reversed(on_left[:-1]):
             d = sites[k + 1]
@@ -61,7 +98,7 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
             d = sites[k]
             h = np.einsum("zaiaj->zij", h.reshape(b, d, right[k], d, right[k]))
             out[k] = _kernels.eigh_desc(h, vectors=False)[0]
-    return out
+    return out, basis
 
 
 def entanglement_entropy(spectra: list[np.ndarray]) -> np.ndarray:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsd.core import _kernels
+from mpsd.core.spectra import LeftBasis
 from mpsd.errors import OptionError
 
 
@@ -104,21 +105,6 @@ def _eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, v
 
 
-def _eigh_left(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_eigh_desc`, reusing what :func:`unfolding_spectra` computed for the same Gram."""
-    hit = _kernels.recall_eigh(gram)
-    if hit is None:
-        return _eigh_desc(gram)
-    match, w0, v0 = hit
-    if match.all():
-        return w0, v0
-    w, v = np.empty_like(w0), np.empty_like(v0)
-    w[match], v[match] = w0[match], v0[match]
-    rest = ~match
-    w[rest], v[rest] = _eigh_desc(gram[rest])
-    return w, v
-
-
 def _tol_ranks(sq_sv: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
     """Smallest r with ``sum_{j>=r} σ_j² <= δ²`` per row; ``sq_sv`` descending, shape (B, m)."""
     # tail[:, r] = sum_{j >= r} σ_j²  (r = 0..m)
@@ -134,6 +120,7 @@ def tt_svd(
     *,
     max_bonds: Sequence[int] | np.ndarray | None = None,
     tol: float | None = None,
+    left_basis: LeftBasis | None = None,
 ) -> TensorTrain:
     """Decompose a batch of tensors into MPS by a left-to-right sweep of truncated SVDs.
 
@@ -145,6 +132,10 @@ def tt_svd(
         Largest bond dimension of each bond (see module docstring).
     tol : float, optional
         Relative Frobenius error allowed per tensor.
+    left_basis : LeftBasis, optional
+        The eigendecomposition of one left unfolding of these very ``tensors``, from
+        :func:`mpsd.core.spectra.spectra_and_left_basis`; the sweep uses it instead of decomposing
+        the same Gram matrix again when it reaches that bond with the tensors still unchanged.
 
     Returns
     -------
@@ -187,6 +178,7 @@ def tt_svd(
     sweep_error = np.zeros((b, n - 1))
     rows = np.ones(b, dtype=np.int64)  # r_{k-1} per tensor
     m_mat = a.reshape(b, 1, -1)  # (B, R_{k-1}, rest)
+    unchanged = True  # m_mat is still an unfolding of ``a`` itself (only identity cores so far)
     for k in range(n - 1):
         r_prev = m_mat.shape[1]
         d = sites[k]
@@ -207,9 +199,14 @@ def tt_svd(
             ranks[:, k] = p
             rows = np.full(b, p, dtype=np.int64)
             m_mat = np.broadcast_to(np.eye(p), (b, p, p))
+            unchanged = False
             continue
-        if m <= p:
-            sq_sv, vecs = _eigh_left(_kernels.gram_rows(m_mat))
+        if m <= p and unchanged and left_basis is not None and left_basis.bond == k:
+            if left_basis.vectors.shape != (b, m, m):
+                raise ValueError(f"left_basis has shape {left_basis.vectors.shape}, bond {k} needs {(b, m, m)}")
+            sq_sv, vecs = left_basis.values, left_basis.vectors
+        elif m <= p:
+            sq_sv, vecs = _eigh_desc(_kernels.gram_rows(m_mat))
         else:
             sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat)
         r = want
@@ -218,8 +215,7 @@ def tt_svd(
         r = np.maximum(r, 1)
         if m <= p and np.all(r == m) and np.all(rows * d == m):
             # every tensor keeps the whole left space: the identity is an exact basis of it
-            # (no rotation, nothing discarded), and the next bond's Gram stays that of the
-            # original unfolding, which unfolding_spectra has already decomposed
+            # (no rotation, nothing discarded), and the matrix stays an unfolding of ``a``
             cores.append(np.broadcast_to(np.eye(m).reshape(1, r_prev, d, m), (b, r_prev, d, m)).copy())
             ranks[:, k] = m
             rows = r
@@ -240,6 +236,6 @@ def tt_svd(
             m_mat = rf @ v.transpose(0, 2, 1)  # (B, R, p)
         ranks[:, k] = r
         rows = r
+        unchanged = False
     cores.append(np.ascontiguousarray(m_mat).reshape(b, m_mat.shape[1], sites[-1], 1))
-    _kernels.forget_eigh()
     return TensorTrain(cores=cores, ranks=ranks, sweep_error=sweep_error)
