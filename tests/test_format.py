@@ -189,8 +189,41 @@ def test_chunks_written_directly_are_the_files_zarr_writes(tmp_path, monkeypatch
         trees.append(writer.hash_tree(path))
     assert trees[0] == trees[1] and len(trees[0]) > 10
     assert verify_store(path).ok
+    # the digests the writer took while writing are those of the files on disk
+    assert json.loads((path / MANIFEST_NAME).read_text())["files"] == trees[1]
     import zarr  # zarr alone reads every array back, the padded last chunk included
 
     group = zarr.open_group(str(path), mode="r")
     ranks = group["stage0/ranks"][:]
     assert ranks.shape[0] == 350 and ranks.min() >= 1
+
+
+def test_manifest_hashes_what_zarr_wrote_after_the_writer(tmp_path, monkeypatch, cifar):
+    """Chunks of an array written first by the writer, then through zarr (library use with
+    batches that are not whole chunks): the manifest must not keep the writer's digests."""
+    from mpsd.archive import writer
+
+    real = writer.StoreWriter.write_batch
+    calls = []
+
+    def write_batch(self, start, batch, sq_error, source_crc32c=None):  # type: ignore[no-untyped-def]
+        calls.append(start)
+        monkeypatch.setattr(writer, "_ZARR_WRITES", len(calls) > 1)  # first chunk direct, then zarr
+        return real(self, start, batch, sq_error, source_crc32c)
+
+    real_manifest, known_at_commit = writer.write_manifest, []
+
+    def write_manifest(*args, **kwargs):  # type: ignore[no-untyped-def]
+        known_at_commit.append(dict(kwargs.get("known") or {}))
+        return real_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(writer.StoreWriter, "write_batch", write_batch)
+    monkeypatch.setattr(writer, "write_manifest", write_manifest)
+    path = tmp_path / "mixed.zarr"
+    mpsd.compress(cifar["x_train"][:300], path, bond="4,6,6,4", chunk_images=100)
+    assert calls == [0, 100, 200]
+    # zarr wrote to every array after the writer did: none of the writer's digests is trusted
+    assert known_at_commit == [{}]
+    manifest = json.loads((path / MANIFEST_NAME).read_text())["files"]
+    assert manifest == writer.hash_tree(path)
+    assert verify_store(path).ok
