@@ -34,6 +34,7 @@ one chunk, never the dataset.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -155,9 +156,9 @@ def _inside(path: str, root: str) -> bool:
 
 def _walk(
     root: str, skip_bad: bool, skipped: list[tuple[str, str]], where: str
-) -> list[tuple[str, str, os.stat_result]]:
-    """List ``(rel, path to open, stat)`` of the image files under ``root`` (a real path)."""
-    found: list[tuple[str, str, os.stat_result]] = []
+) -> list[tuple[str, str, tuple[int, int]]]:
+    """List ``(rel, path to open, (st_dev, st_ino))`` of the image files under ``root`` (a real path)."""
+    found: list[tuple[str, str, tuple[int, int]]] = []
     top = os.stat(root)
     seen = {(top.st_dev, top.st_ino)}  # folders visited: a bind mount cannot make a loop
     stack = [""]
@@ -202,7 +203,7 @@ def _walk(
             elif not is_image:
                 continue
             elif stat.S_ISREG(st.st_mode):
-                found.append((rel, entry.path, st))
+                found.append((rel, entry.path, (st.st_dev, st.st_ino)))
             else:
                 skipped.append((rel, f"not a regular file ({_kind(st.st_mode)}), not opened"))
     return found
@@ -223,7 +224,7 @@ def _follow_link(
     rel: str,
     link: str,
     is_image: bool,
-    found: list[tuple[str, str, os.stat_result]],
+    found: list[tuple[str, str, tuple[int, int]]],
     skipped: list[tuple[str, str]],
 ) -> None:
     """Follow the symbolic link ``link`` when it is a file inside ``root``; else record why not."""
@@ -243,7 +244,7 @@ def _follow_link(
     elif not stat.S_ISREG(st.st_mode):
         skipped.append((rel, f"symbolic link to a {_kind(st.st_mode)}, not opened"))
     else:
-        found.append((rel, target, st))
+        found.append((rel, target, (st.st_dev, st.st_ino)))
 
 
 def _orientation(im: Image.Image) -> int:
@@ -267,6 +268,12 @@ def _rawmode(im: Image.Image) -> str:
     if isinstance(args, tuple) and args:
         args = args[0]
     return args if isinstance(args, str) else ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _size(w: int, h: int) -> tuple[int, int]:
+    """``(w, h)``, one tuple per size: a million files of one size share it."""
+    return (w, h)
 
 
 def _header(im: Image.Image, entry: _Entry) -> None:
@@ -293,7 +300,7 @@ def _header(im: Image.Image, entry: _Entry) -> None:
     ):
         source = f"{mode};16"  # Pillow decodes 16-bit colour as 8-bit: recorded as lossy
     entry.mode, entry.native, entry.source = mode, native, source
-    entry.size = (w, h)
+    entry.size = _size(w, h)
     entry.orientation = _orientation(im)
 
 
@@ -452,12 +459,13 @@ def read_folder(
         return InputError(f"{_show(os.path.join(where, entry.rel))}: {reason}")
 
     entries: list[_Entry] = []
-    for rel, target, st in found:
+    for i, (rel, target, ident) in enumerate(found):
+        found[i] = None  # type: ignore[call-overload]  # memory: the listing is let go as it is read
         entry = _Entry(
             rel=rel,
             path=target,
             label=class_index[rel.split("/", 1)[0]] if labelled else -1,
-            ident=(st.st_dev, st.st_ino),
+            ident=ident,
         )
         try:
             _decode(entry, scanning=True, pixels=skip_bad)
