@@ -5,6 +5,7 @@ One command reproduces the table of ``docs/benchmarks.md``::
     .venv/bin/python benchmarks/run.py table            # both datasets, prints the table
     .venv/bin/python benchmarks/run.py memory           # peak RSS, 10k vs 1M streamed images
     .venv/bin/python benchmarks/run.py scaling          # time vs N and vs image size -> docs/scaling.png
+    .venv/bin/python benchmarks/run.py files            # folders of 10k and 1M PNG files (needs ~5 GB of disk)
     .venv/bin/python benchmarks/run.py all              # the three, in that order
 
 Every method runs in its own fresh Python process (one after another, never two at once), so
@@ -424,6 +425,59 @@ def memory_main(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------- many files
+def make_png_folder(root: Path, n: int) -> None:
+    """``n`` PNG files of real CIFAR-10 images in class folders (the 5,000 images cycled)."""
+    from PIL import Image
+
+    with np.load(DATA / DATASETS["cifar10"]) as f:
+        x = np.concatenate([f["x_train"], f["x_test"]])
+        y = np.concatenate([f["y_train"], f["y_test"]])
+        classes = [str(c) for c in f["classes"]]
+    encoded = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        k = i % len(x)
+        (root / classes[int(y[k])] / f"{i:08d}.png").write_bytes(encoded[k])
+
+
+def files_main(args: argparse.Namespace) -> list[dict]:
+    """``mpsd compress FOLDER`` on folders of N PNG files: time and the CLI's peak RSS."""
+    rows = []
+    print("\n## Many files: `mpsd compress FOLDER --bond 4,6,6,4` (real CIFAR-10 PNGs, cycled)\n")
+    print("| files | folder MB | compress s | files/s | peak RSS MB | peak RSS bytes per file |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("MPSD_BENCH_TMP")) as tmp:
+            folder = Path(tmp) / "images"
+            make_png_folder(folder, n)
+            size = sum(f.stat().st_size for f in folder.rglob("*.png"))
+            cmd = [sys.executable, "-m", "mpsd", "compress", str(folder), str(Path(tmp) / "s.zarr"),
+                   "--bond", "4,6,6,4", "--workers", str(args.workers)]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            if proc.returncode != 0:
+                rows.append({"n": n, "error": err.strip().splitlines()[-1:]})
+                print(f"| {n:,} | error: {rows[-1]['error']} |", flush=True)
+                continue
+            peak = usage.ru_maxrss / 1024
+            rows.append({"n": n, "folder_bytes": size, "compress_s": seconds, "peak_rss_mb": peak})
+            print(f"| {n:,} | {size / 2**20:,.0f} | {seconds:,.1f} | {n / seconds:,.0f} | {peak:,.0f} | "
+                  f"{peak * 2**20 / n:,.0f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    return rows
+
+
 # ---------------------------------------------------------------------- scaling
 def mosaic(n: int, size: int) -> np.ndarray:
     """``n`` real size×size colour images, each a mosaic of (size/32)² different CIFAR images."""
@@ -560,8 +614,10 @@ def main() -> None:
     s.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128, 256])
     s.add_argument("--size-images", type=int, default=5_000, help="pixels per size point, in units of 32×32 images")
     s.add_argument("--png", default=str(ROOT / "docs" / "scaling.png"))
+    fl = sub.add_parser("files", help="mpsd compress of folders of N PNG files: time and peak RSS (not in all)")
+    fl.add_argument("--sizes", nargs="+", type=int, default=[10_000, 1_000_000])
     a = sub.add_parser("all", help="table, memory and scaling")
-    for q in (t, m, s, a):
+    for q in (t, m, s, fl, a):
         q.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
         q.add_argument("--json", default=None, help="also write the raw results here")
     c = sub.add_parser("_child")
@@ -591,6 +647,8 @@ def main() -> None:
         memory_main(args)
     elif args.cmd == "scaling":
         scaling_main(args)
+    elif args.cmd == "files":
+        files_main(args)
     else:
         base = args.json
         for fn, extra in ((table_main, {"datasets": list(DATASETS), "n": None, "only": None}),

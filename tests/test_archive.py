@@ -77,6 +77,27 @@ def test_psnr_and_entropy_match_a_per_image_tt_svd_reference(tmp_path, cifar):
     assert 10 * np.log10(255**2 / mse) == pytest.approx(stats.psnr, abs=1e-9)
 
 
+def test_stats_read_chunk_by_chunk_match_the_decoded_images(tmp_path, cifar):
+    """Stats stream the metric arrays a chunk at a time; over 4 chunks (the last one partial)
+    they must match numbers computed here from the decoded pixels and the whole arrays."""
+    x = cifar["x_train"][:200]
+    store = mpsd.compress(x, tmp_path / "c.zarr", tol=0.08, chunk_images=64)
+    s = store.stats()
+    per_image_mse = ((store[:].astype(float) - x) ** 2).reshape(200, -1).mean(axis=1)
+    assert s.psnr == pytest.approx(10 * np.log10(255**2 / per_image_mse.mean()), abs=1e-9)
+    assert s.psnr_mean == pytest.approx(np.mean(10 * np.log10(255**2 / per_image_mse)), abs=1e-9)
+    ranks = store.metric("stage0/ranks").astype(float).reshape(-1, 4)  # tol: ranks differ per MPS
+    assert len(np.unique(ranks, axis=0)) > 10
+    np.testing.assert_allclose(s.stages[0].mean_ranks, ranks.mean(axis=0), atol=1e-4)
+    full = np.concatenate([np.ones((len(ranks), 1)), ranks, np.ones((len(ranks), 1))], axis=1)
+    assert s.param_ratio == pytest.approx((full[:, :-1] * 4 * full[:, 1:]).sum(axis=1).mean() / 1024, rel=1e-12)
+    norm = np.linalg.norm(store.metric("metrics/norm").astype(float), axis=1)
+    error = np.linalg.norm(store.metric("metrics/error").astype(float), axis=1)
+    assert s.rel_error == pytest.approx((error / norm).mean(), rel=1e-12)
+    entropy = store.metric("metrics/entropy").astype(float).reshape(-1, 4).mean(axis=0)
+    np.testing.assert_allclose(s.entropy, entropy, rtol=1e-12)
+
+
 def test_stored_error_bound_and_ratio(tmp_path, cifar):
     x = cifar["x_train"][:100]
     store = mpsd.compress(x, tmp_path / "c.zarr", bond="4,6,6,4", residual_bonds=["4,6,6,4"], dtype="float32")

@@ -93,37 +93,67 @@ def _dir_bytes(path: Any) -> int:
     return total
 
 
+class _Mean:
+    """Running mean of the rows of 2-d blocks (column-wise), or of scalars."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | float = 0.0
+        self.count = 0
+
+    def add(self, values: np.ndarray) -> None:
+        self.total = self.total + values.sum(axis=0)
+        self.count += values.shape[0]
+
+    def value(self) -> Any:
+        return self.total / self.count if self.count else None
+
+
+def _metric_blocks(archive: Archive, names: list[str]) -> Any:
+    """The arrays ``names`` chunk by chunk along the image axis: memory does not grow with N."""
+    step = archive.meta.chunk_images
+    for start in range(0, len(archive), step):
+        yield archive.metric_rows(names, start, min(start + step, len(archive)))
+
+
 def _quality(archive: Archive) -> dict[str, Any]:
-    """Entropy, PSNR, errors and the bound from the per-image metric arrays."""
+    """Entropy, PSNR, errors and the bound from the per-image metric arrays, read chunk by chunk."""
     meta = archive.meta
     h, w, c = archive.image_shape
-    entropy = archive.metric("metrics/entropy").astype(np.float64)
-    entropy = entropy.reshape(-1, entropy.shape[-1]).mean(axis=0)
-    norm = archive.metric("metrics/norm").astype(np.float64)
-    error = archive.metric("metrics/error").astype(np.float64)
-    img_norm = np.sqrt((norm**2).sum(axis=1))
-    img_error = np.sqrt((error**2).sum(axis=1))
     last = len([s for s in meta.stages if s.role != "supplement"]) - 1
-    local = archive.metric(f"stage{last}/local_error").astype(np.float64)  # (N, M, n-1)
-    img_bound = np.sqrt((local**2).sum(axis=(1, 2)))  # Theorem 1 over every MPS of the image
-    nz = img_norm > 0
-    sq = archive.metric("metrics/sq_error")
+    names = ["metrics/entropy", "metrics/norm", "metrics/error", f"stage{last}/local_error", "metrics/sq_error"]
+    entropy, rel_error, bound, log_ratio = _Mean(), _Mean(), _Mean(), _Mean()
+    sq_total, n_images = 0.0, 0
     pixels = h * w * c
-    mse = float(sq.sum() / (pixels * len(sq)))
     peak = float(meta.max_value)
-    per_image_mse = sq / pixels
-    lossy = per_image_mse > 0
+    for ent, norm, error, local, sq in _metric_blocks(archive, names):
+        entropy.add(ent.astype(np.float64).reshape(-1, ent.shape[-1]))
+        img_norm = np.sqrt((norm.astype(np.float64) ** 2).sum(axis=1))
+        img_error = np.sqrt((error.astype(np.float64) ** 2).sum(axis=1))
+        img_bound = np.sqrt((local.astype(np.float64) ** 2).sum(axis=(1, 2)))  # Theorem 1, every MPS
+        nz = img_norm > 0
+        rel_error.add(img_error[nz] / img_norm[nz])
+        bound.add(img_bound[nz] / img_norm[nz])
+        sq = sq.astype(np.float64)
+        sq_total += float(sq.sum())
+        n_images += sq.shape[0]
+        per_image_mse = sq[sq > 0] / pixels
+        log_ratio.add(10 * np.log10(peak**2 / per_image_mse))
+    mse = sq_total / (pixels * n_images) if n_images else 0.0
     return {
-        "entropy": [float(v) for v in entropy],
+        "entropy": [float(v) for v in entropy.value()] if entropy.count else [],
         "psnr": None if mse == 0 else float(10 * np.log10(peak**2 / mse)),
-        "psnr_mean": float(np.mean(10 * np.log10(peak**2 / per_image_mse[lossy]))) if lossy.any() else None,
-        "rel_error": float((img_error[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
-        "error_bound": float((img_bound[nz] / img_norm[nz]).mean()) if nz.any() else 0.0,
+        "psnr_mean": None if log_ratio.value() is None else float(log_ratio.value()),
+        "rel_error": float(rel_error.value()) if rel_error.count else 0.0,
+        "error_bound": float(bound.value()) if bound.count else 0.0,
     }
 
 
 def compute_stats(archive: Archive) -> StoreStats:
-    """Compute :class:`StoreStats` for an opened store (reads only the small metric arrays)."""
+    """Compute :class:`StoreStats` for an opened store.
+
+    Reads only the small per-image arrays (ranks and metrics), one chunk of images at a time, so
+    memory does not grow with the number of images.
+    """
     meta = archive.meta
     sites = meta.layout.sites
     total_entries = math.prod(sites)
@@ -132,9 +162,12 @@ def compute_stats(archive: Archive) -> StoreStats:
     ratio_total = 0.0
     supplement_bytes = 0
     for i, st in enumerate(meta.stages):
-        ranks = archive.metric(f"stage{i}/ranks").astype(np.int64)
-        ranks = ranks.reshape(-1, ranks.shape[-1])
-        ratio = float(parameter_count(sites, ranks).mean() / total_entries)
+        mean_ranks, params = _Mean(), _Mean()
+        for (ranks,) in _metric_blocks(archive, [f"stage{i}/ranks"]):
+            ranks = ranks.astype(np.int64).reshape(-1, ranks.shape[-1])
+            mean_ranks.add(ranks)
+            params.add(parameter_count(sites, ranks))
+        ratio = float(params.value() / total_entries) if params.count else 0.0
         nbytes = _dir_bytes(archive.path / f"stage{i}")
         if st.role == "supplement":
             supplement_bytes += nbytes
@@ -144,7 +177,7 @@ def compute_stats(archive: Archive) -> StoreStats:
             StageStats(
                 role=st.role,
                 bonds=list(st.bonds),
-                mean_ranks=[round(float(v), 4) for v in ranks.mean(axis=0)],
+                mean_ranks=[round(float(v), 4) for v in mean_ranks.value()] if mean_ranks.count else [],
                 param_ratio=ratio,
                 bytes_on_disk=nbytes,
                 truncation=st.spec,

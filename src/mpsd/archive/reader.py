@@ -330,6 +330,12 @@ class Archive:
         """A whole per-image metric array (``metrics/...`` or ``stage{i}/...``)."""
         return self._read_whole(name)
 
+    def metric_rows(self, names: list[str], start: int, stop: int) -> list[np.ndarray]:
+        """Rows ``start:stop`` of several per-image arrays; the rows must lie in one chunk."""
+        if stop > start and start // self.meta.chunk_images != (stop - 1) // self.meta.chunk_images:
+            raise ValueError(f"rows {start}:{stop} span more than one chunk of {self.meta.chunk_images} images")
+        return self._read_rows_many(names, start, stop)
+
     # ------------------------------------------------------------------ decoding
     def _indices(self, key: IndexLike) -> tuple[np.ndarray, bool]:
         n = len(self)

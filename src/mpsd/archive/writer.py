@@ -680,11 +680,14 @@ class StoreWriter:
 
     def write_names(self, names: list[str]) -> None:
         """Store relative file names as UTF-8 bytes plus offsets (``names/utf8``, ``names/offsets``)."""
-        encoded = [os.fsencode(n) if isinstance(n, str) else bytes(n) for n in names]
-        encoded = [n.decode("utf-8", "surrogateescape").encode("utf-8", "surrogateescape") for n in encoded]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(e) for e in encoded])
-        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        # one growing buffer, not a list of a million small bytes objects
+        joined = bytearray()
+        offsets = np.zeros(len(names) + 1, dtype=np.int64)
+        for i, n in enumerate(names):
+            raw = os.fsencode(n) if isinstance(n, str) else bytes(n)
+            joined += raw.decode("utf-8", "surrogateescape").encode("utf-8", "surrogateescape")
+            offsets[i + 1] = len(joined)
+        blob = np.frombuffer(joined, dtype=np.uint8)
         codecs = array_codecs()
         for name, value in (("names/offsets", offsets), ("names/utf8", blob)):
             arr = self.group.create_array(

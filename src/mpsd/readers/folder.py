@@ -123,7 +123,8 @@ class _Entry:
     """One image file found by the scan."""
 
     rel: str  # relative POSIX path under the root, as listed
-    path: str  # what is opened (symbolic links resolved)
+    root: str  # the folder (one string shared by every entry)
+    link: str | None  # what a symbolic link resolves to; None for a regular file
     label: int
     ident: tuple[int, int]  # (st_dev, st_ino) seen by the walk
     stamp: tuple[int, int] = (0, 0)  # (st_size, st_mtime_ns) seen by the header scan
@@ -132,6 +133,11 @@ class _Entry:
     native: str = ""  # mode it is read as: L, RGB, RGBA or I;16
     size: tuple[int, int] = (0, 0)  # (W, H) in the file
     orientation: int = 1
+
+    @property
+    def path(self) -> str:
+        """What is opened: the file itself, or the target of a symbolic link."""
+        return self.link if self.link is not None else os.path.join(self.root, self.rel)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -156,9 +162,9 @@ def _inside(path: str, root: str) -> bool:
 
 def _walk(
     root: str, skip_bad: bool, skipped: list[tuple[str, str]], where: str
-) -> list[tuple[str, str, tuple[int, int]]]:
-    """List ``(rel, path to open, (st_dev, st_ino))`` of the image files under ``root`` (a real path)."""
-    found: list[tuple[str, str, tuple[int, int]]] = []
+) -> list[tuple[str, str | None, tuple[int, int]]]:
+    """List ``(rel, link target or None, (st_dev, st_ino))`` of the image files under ``root`` (a real path)."""
+    found: list[tuple[str, str | None, tuple[int, int]]] = []
     top = os.stat(root)
     seen = {(top.st_dev, top.st_ino)}  # folders visited: a bind mount cannot make a loop
     stack = [""]
@@ -203,7 +209,7 @@ def _walk(
             elif not is_image:
                 continue
             elif stat.S_ISREG(st.st_mode):
-                found.append((rel, entry.path, (st.st_dev, st.st_ino)))
+                found.append((rel, None, (st.st_dev, st.st_ino)))
             else:
                 skipped.append((rel, f"not a regular file ({_kind(st.st_mode)}), not opened"))
     return found
@@ -224,7 +230,7 @@ def _follow_link(
     rel: str,
     link: str,
     is_image: bool,
-    found: list[tuple[str, str, tuple[int, int]]],
+    found: list[tuple[str, str | None, tuple[int, int]]],
     skipped: list[tuple[str, str]],
 ) -> None:
     """Follow the symbolic link ``link`` when it is a file inside ``root``; else record why not."""
@@ -463,7 +469,8 @@ def read_folder(
         found[i] = None  # type: ignore[call-overload]  # memory: the listing is let go as it is read
         entry = _Entry(
             rel=rel,
-            path=target,
+            root=root,
+            link=target,
             label=class_index[rel.split("/", 1)[0]] if labelled else -1,
             ident=ident,
         )
