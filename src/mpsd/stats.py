@@ -32,6 +32,7 @@ entropy
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +109,7 @@ class _Mean:
         return self.total / self.count if self.count else None
 
 
-def _metric_blocks(archive: Archive, names: list[str]) -> Any:
+def _metric_blocks(archive: Archive, names: list[str]) -> Iterator[list[np.ndarray]]:
     """The arrays ``names`` chunk by chunk along the image axis: memory does not grow with N."""
     step = archive.meta.chunk_images
     for start in range(0, len(archive), step):
