@@ -459,12 +459,14 @@ def files_main(args: argparse.Namespace) -> list[dict]:
             size = sum(f.stat().st_size for f in folder.rglob("*.png"))
             cmd = [sys.executable, "-m", "mpsd", "compress", str(folder), str(Path(tmp) / "s.zarr"),
                    "--bond", "4,6,6,4", "--workers", str(args.workers)]
+            log = Path(tmp) / "stderr.txt"
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(proc.pid, 0)
+            with open(log, "wb") as err_file:  # a file, not a pipe: nothing blocks while we wait
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+                _, status, usage = os.wait4(proc.pid, 0)
             seconds = time.perf_counter() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = log.read_text(errors="replace")
             if proc.returncode != 0:
                 rows.append({"n": n, "error": err.strip().splitlines()[-1:]})
                 print(f"| {n:,} | error: {rows[-1]['error']} |", flush=True)

@@ -465,8 +465,9 @@ def read_folder(
         return InputError(f"{_show(os.path.join(where, entry.rel))}: {reason}")
 
     entries: list[_Entry] = []
-    for i, (rel, target, ident) in enumerate(found):
-        found[i] = None  # type: ignore[call-overload]  # memory: the listing is let go as it is read
+    found.reverse()  # popped from the end, in sorted order: the listing is let go as it is read
+    while found:
+        rel, target, ident = found.pop()
         entry = _Entry(
             rel=rel,
             root=root,
