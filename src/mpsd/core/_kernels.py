@@ -6,10 +6,13 @@ of a 16×16 matrix costs ~15–20 µs, ~20× its arithmetic), so with numba inst
 replace it:
 
 * :func:`eigh_desc` — Householder tridiagonalisation (EISPACK ``tred2``) and implicit QL with
-  Wilkinson shifts (``tql2``), float64 throughout, run on 8 matrices in lock step so that the
+  Wilkinson shifts (``tql2``), float64 throughout.  The Householder step runs on 16 matrices
+  stored lane-innermost, so that its loops over the matrices are vector loops (1.3–1.9× faster
+  than one matrix at a time); the QL step runs on 8 matrices in lock step so that the
   latency-bound rotation chains of independent matrices overlap.  A matrix whose rotations have
-  converged takes identity rotations, so every matrix gets exactly the arithmetic it would get
-  alone: results do not depend on how a batch is split.
+  converged takes identity rotations, and every lane does the same arithmetic in the same
+  order, so every matrix gets exactly the arithmetic it would get alone: results do not depend
+  on how a batch is split.
 * :func:`gram_rows` — Gram matrices ``M Mᵀ`` of a batch of small wide matrices.
 * :func:`qr` — Householder QR of a batch of small tall matrices.
 * :func:`contract_cores`, :func:`decode_rounded` — contraction of a batch of MPS from both ends

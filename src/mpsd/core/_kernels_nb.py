@@ -12,100 +12,126 @@ from numba import njit
 from numba import uint64 as U
 
 lanes = 8  # must equal _kernels.LANES
+groups = 2  # groups of ``lanes`` matrices reduced together by tred2_lanes
 eps = float(np.finfo(np.float64).eps)
 fm = {"nsz", "arcp", "contract"}
 
 
-@njit(nogil=True, cache=True, fastmath=fm, inline="always")
-def tred2(w, o, d, od, e, n, vec):  # pragma: no cover - compiled
-    # Householder reduction of the symmetric n×n matrix w[o:o+n*n] (row-major) to a
-    # tridiagonal one: diagonal in d[od:od+n], sub-diagonal in e[od+1:od+n].  With ``vec``,
-    # w ends up holding the orthogonal transformation (row i = basis vector i).
+@njit(nogil=True, cache=True, fastmath=fm)
+def tred2_lanes(w, d, e, n, nl, vec, sc, hv, fv, gv):  # pragma: no cover - compiled
+    # Householder reduction (EISPACK tred2) of ``nl`` symmetric n×n matrices at once, stored
+    # lane-innermost ("struct of arrays") so that every loop over the lanes ``v`` is a vector
+    # loop: element (i, j) of matrix v is w[(i*n + j)*nl + v]; the diagonal ends in d[i*nl + v],
+    # the sub-diagonal in e[i*nl + v] (i >= 1).  With ``vec``, w ends up holding the orthogonal
+    # transformation (row i = basis vector i).  The branches of the one-matrix algorithm are
+    # selects here: a row that is already zero (scale 0) goes through the general formulas with
+    # 1/0 taken as 0, which give exactly what the zero branch gives (all zeros).  ``nl`` is a run
+    # time value on purpose: with a compile-time lane count numba unrolls the lane loops and
+    # leaves them scalar.  sc, hv, fv, gv: scratch of nl floats each.
     for j in range(n):
-        d[U(od + j)] = w[U(o + j * n + n - 1)]
+        for v in range(nl):
+            d[U(j * nl + v)] = w[U((j * n + n - 1) * nl + v)]
     for i in range(n - 1, 0, -1):
-        oi = o + i * n
-        scale = 0.0
-        h = 0.0
+        for v in range(nl):
+            sc[U(v)] = 0.0
+            hv[U(v)] = 0.0
         for k in range(i):
-            scale += abs(d[U(od + k)])
-        if scale == 0.0:
-            e[U(od + i)] = d[U(od + i - 1)]
-            for j in range(i):
-                d[U(od + j)] = w[U(o + j * n + i - 1)]
-                w[U(o + j * n + i)] = 0.0
-                w[U(oi + j)] = 0.0
-        else:
-            inv = 1.0 / scale
-            for k in range(i):
-                x = d[U(od + k)] * inv
-                d[U(od + k)] = x
-                h += x * x
-            f = d[U(od + i - 1)]
+            for v in range(nl):
+                sc[U(v)] += abs(d[U(k * nl + v)])
+        for v in range(nl):
+            s = sc[U(v)]
+            gv[U(v)] = 1.0 / s if s != 0.0 else 0.0
+        for k in range(i):
+            for v in range(nl):
+                x = d[U(k * nl + v)] * gv[U(v)]
+                d[U(k * nl + v)] = x
+                hv[U(v)] += x * x
+        for v in range(nl):
+            f = d[U((i - 1) * nl + v)]
+            h = hv[U(v)]
             g = math.sqrt(h)
-            if f > 0:
-                g = -g
-            e[U(od + i)] = scale * g
-            h = h - f * g
-            d[U(od + i - 1)] = f - g
-            for j in range(i):
-                e[U(od + j)] = 0.0
-            for j in range(i):
-                oj = o + j * n
-                f = d[U(od + j)]
-                w[U(oi + j)] = f
-                g = e[U(od + j)] + w[U(oj + j)] * f
-                for k in range(j + 1, i):
-                    x = w[U(oj + k)]
-                    g += x * d[U(od + k)]
-                    e[U(od + k)] += x * f
-                e[U(od + j)] = g
-            f = 0.0
-            hinv = 1.0 / h
-            for j in range(i):
-                x = e[U(od + j)] * hinv
-                e[U(od + j)] = x
-                f += x * d[U(od + j)]
-            hh = 0.5 * f * hinv
-            for j in range(i):
-                e[U(od + j)] -= hh * d[U(od + j)]
-            for j in range(i):
-                oj = o + j * n
-                f = d[U(od + j)]
-                g = e[U(od + j)]
-                for k in range(j, i):
-                    w[U(oj + k)] -= f * e[U(od + k)] + g * d[U(od + k)]
-                d[U(od + j)] = w[U(oj + i - 1)]
-                w[U(oj + i)] = 0.0
-        d[U(od + i)] = h
+            g = -g if f > 0 else g
+            e[U(i * nl + v)] = sc[U(v)] * g
+            hv[U(v)] = h - f * g
+            d[U((i - 1) * nl + v)] = f - g
+        for j in range(i):
+            for v in range(nl):
+                e[U(j * nl + v)] = 0.0
+        for j in range(i):
+            oj = j * n
+            for v in range(nl):
+                f = d[U(j * nl + v)]
+                w[U((i * n + j) * nl + v)] = f
+                gv[U(v)] = e[U(j * nl + v)] + w[U((oj + j) * nl + v)] * f
+            for k in range(j + 1, i):
+                for v in range(nl):
+                    x = w[U((oj + k) * nl + v)]
+                    gv[U(v)] += x * d[U(k * nl + v)]
+                    e[U(k * nl + v)] += x * d[U(j * nl + v)]
+            for v in range(nl):
+                e[U(j * nl + v)] = gv[U(v)]
+        for v in range(nl):
+            fv[U(v)] = 0.0
+            h = hv[U(v)]
+            gv[U(v)] = 1.0 / h if h != 0.0 else 0.0
+        for j in range(i):
+            for v in range(nl):
+                x = e[U(j * nl + v)] * gv[U(v)]
+                e[U(j * nl + v)] = x
+                fv[U(v)] += x * d[U(j * nl + v)]
+        for v in range(nl):
+            fv[U(v)] = 0.5 * fv[U(v)] * gv[U(v)]
+        for j in range(i):
+            for v in range(nl):
+                e[U(j * nl + v)] -= fv[U(v)] * d[U(j * nl + v)]
+        for j in range(i):
+            oj = j * n
+            for k in range(j, i):
+                for v in range(nl):
+                    w[U((oj + k) * nl + v)] -= d[U(j * nl + v)] * e[U(k * nl + v)] + e[U(j * nl + v)] * d[U(k * nl + v)]
+            for v in range(nl):
+                d[U(j * nl + v)] = w[U((oj + i - 1) * nl + v)]
+                w[U((oj + i) * nl + v)] = 0.0
+        for v in range(nl):
+            d[U(i * nl + v)] = hv[U(v)]
     if vec:
         for i in range(n - 1):
-            oi = o + i * n
+            oi = i * n
             oi1 = oi + n
-            w[U(oi + n - 1)] = w[U(oi + i)]
-            w[U(oi + i)] = 1.0
-            h = d[U(od + i + 1)]
-            if h != 0.0:
-                hinv = 1.0 / h
-                for k in range(i + 1):
-                    d[U(od + k)] = w[U(oi1 + k)] * hinv
-                for j in range(i + 1):
-                    oj = o + j * n
-                    g = 0.0
-                    for k in range(i + 1):
-                        g += w[U(oi1 + k)] * w[U(oj + k)]
-                    for k in range(i + 1):
-                        w[U(oj + k)] -= g * d[U(od + k)]
+            for v in range(nl):
+                w[U((oi + n - 1) * nl + v)] = w[U((oi + i) * nl + v)]
+                w[U((oi + i) * nl + v)] = 1.0
+                h = d[U((i + 1) * nl + v)]
+                hv[U(v)] = 1.0 / h if h != 0.0 else 0.0
             for k in range(i + 1):
-                w[U(oi1 + k)] = 0.0
+                for v in range(nl):
+                    d[U(k * nl + v)] = w[U((oi1 + k) * nl + v)] * hv[U(v)]
+            for j in range(i + 1):
+                oj = j * n
+                for v in range(nl):
+                    gv[U(v)] = 0.0
+                for k in range(i + 1):
+                    for v in range(nl):
+                        gv[U(v)] += w[U((oi1 + k) * nl + v)] * w[U((oj + k) * nl + v)]
+                for k in range(i + 1):
+                    for v in range(nl):
+                        w[U((oj + k) * nl + v)] -= gv[U(v)] * d[U(k * nl + v)]
+            for k in range(i + 1):
+                for v in range(nl):
+                    w[U((oi1 + k) * nl + v)] = 0.0
         for j in range(n):
-            d[U(od + j)] = w[U(o + j * n + n - 1)]
-            w[U(o + j * n + n - 1)] = 0.0
-        w[U(o + n * n - 1)] = 1.0
+            for v in range(nl):
+                d[U(j * nl + v)] = w[U((j * n + n - 1) * nl + v)]
+                w[U((j * n + n - 1) * nl + v)] = 0.0
+        for v in range(nl):
+            w[U((n * n - 1) * nl + v)] = 1.0
     else:
         for j in range(n):
-            d[U(od + j)] = w[U(o + j * n + j)]
-    e[U(od)] = 0.0
+            for v in range(nl):
+                d[U(j * nl + v)] = w[U((j * n + j) * nl + v)]
+    for v in range(nl):
+        e[U(v)] = 0.0
+
 
 @njit(nogil=True, cache=True, fastmath=fm)
 def tql2_lanes(w, d, e, n, vec, maxit, st):  # pragma: no cover - compiled
@@ -227,61 +253,90 @@ def tql2_lanes(w, d, e, n, vec, maxit, st):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True)
 def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
     # g: (B, n, n) C-contiguous float64.  vals (B, n) descending, vecs (B, n, n) columns.
+    # Blocks of ``groups * lanes`` matrices: Householder reduction of the whole block in the
+    # vector lanes (tred2_lanes), then QL on groups of ``lanes`` matrices in lock step.
     b = g.shape[0]
     n = g.shape[1]
     nn = n * n
-    gf = g.reshape(b * nn)
-    w = np.empty(lanes * nn)
+    nl = groups * lanes
+    ws = np.empty(nn * nl)  # the block, lane-innermost
+    ds = np.empty(n * nl)
+    es = np.empty(n * nl)
+    sc = np.empty(nl)
+    hv = np.empty(nl)
+    fv = np.empty(nl)
+    gv = np.empty(nl)
+    w = np.empty(lanes * nn)  # one group, matrix by matrix (tql2_lanes)
     d = np.empty(lanes * n)
     e = np.empty(lanes * n)
     st = np.empty((11, lanes))
     dv = np.empty(n)
     order = np.empty(n, dtype=np.int64)
-    scale = np.ones(lanes)
-    for t0 in range(0, b, lanes):
-        nb = min(lanes, b - t0)
-        w[: nb * nn] = gf[t0 * nn : (t0 + nb) * nn]
-        w[nb * nn :] = 0.0
+    scale = np.ones(nl)
+    for t0 in range(0, b, nl):
+        nb = min(nl, b - t0)
         for v in range(nb):
             # a matrix far from unit size is scaled by a power of two (exact: it changes no
             # rounding) so that no square in the kernel overflows or underflows; one that is
-            # not finite is left to LAPACK
-            peak = 0.0
-            for q in range(v * nn, (v + 1) * nn):
-                peak = max(peak, abs(w[U(q)]))
+            # not finite is left to LAPACK (and zeroed here)
             scale[v] = 1.0
+            peak = 0.0
+            for i in range(n):
+                for j in range(n):
+                    peak = max(peak, abs(g[U(t0 + v), U(i), U(j)]))
             if not np.isfinite(peak):
                 bad[U(t0 + v)] = True
             elif peak > 2.0**300 or (0.0 < peak < 2.0**-300):
                 scale[v] = 2.0 ** -round(math.log2(peak))
-                for q in range(v * nn, (v + 1) * nn):
-                    w[U(q)] *= scale[v]
-        for v in range(lanes):
-            tred2(w, v * nn, d, v * n, e, n, vec)
-        ok = tql2_lanes(w, d, e, n, vec, maxit, st)
+        for i in range(n):
+            for j in range(n):
+                o = (i * n + j) * nl
+                for v in range(nb):
+                    ws[U(o + v)] = g[U(t0 + v), U(i), U(j)] * scale[v]
+                for v in range(nb, nl):  # lanes past the batch: zero matrices
+                    ws[U(o + v)] = 0.0
         for v in range(nb):
-            if not ok:
-                bad[U(t0 + v)] = True
-            for i in range(n):
-                dv[U(i)] = d[U(v * n + i)]
-                if not np.isfinite(dv[U(i)]):
-                    bad[U(t0 + v)] = True
-            # stable insertion sort of the indices by descending value (no allocation per matrix)
-            for j in range(n):
-                x = dv[U(j)]
-                k = j
-                while k > 0 and dv[U(order[U(k - 1)])] < x:
-                    order[U(k)] = order[U(k - 1)]
-                    k -= 1
-                order[U(k)] = j
-            for j in range(n):
-                x = dv[U(order[j])]
-                vals[U(t0 + v), U(j)] = x / scale[v] if x > 0.0 else 0.0
-            if vec:
+            if bad[U(t0 + v)]:
+                for q in range(nn):
+                    ws[U(q * nl + v)] = 0.0
+        tred2_lanes(ws, ds, es, n, nl, vec, sc, hv, fv, gv)
+        for q in range(groups):
+            v0 = q * lanes
+            if v0 >= nb:
+                break
+            for v in range(lanes):
+                for i in range(n):
+                    d[U(v * n + i)] = ds[U(i * nl + v0 + v)]
+                    e[U(v * n + i)] = es[U(i * nl + v0 + v)]
+                if vec:
+                    for i in range(nn):
+                        w[U(v * nn + i)] = ws[U(i * nl + v0 + v)]
+            ok = tql2_lanes(w, d, e, n, vec, maxit, st)
+            for v in range(min(lanes, nb - v0)):
+                t = t0 + v0 + v
+                sv = scale[v0 + v]
+                if not ok:
+                    bad[U(t)] = True
+                for i in range(n):
+                    dv[U(i)] = d[U(v * n + i)]
+                    if not np.isfinite(dv[U(i)]):
+                        bad[U(t)] = True
+                # stable insertion sort of the indices by descending value (no allocation per matrix)
                 for j in range(n):
-                    oj = v * nn + order[U(j)] * n
-                    for i in range(n):
-                        vecs[U(t0 + v), U(i), U(j)] = w[U(oj + i)]
+                    x = dv[U(j)]
+                    k = j
+                    while k > 0 and dv[U(order[U(k - 1)])] < x:
+                        order[U(k)] = order[U(k - 1)]
+                        k -= 1
+                    order[U(k)] = j
+                for j in range(n):
+                    x = dv[U(order[j])]
+                    vals[U(t), U(j)] = x / sv if x > 0.0 else 0.0
+                if vec:
+                    for j in range(n):
+                        oj = v * nn + order[U(j)] * n
+                        for i in range(n):
+                            vecs[U(t), U(i), U(j)] = w[U(oj + i)]
 
 
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
