@@ -437,30 +437,52 @@ def qr_batch(x, q, r):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True)
 def gather_scale(images, idx, max_value, out):  # pragma: no cover - compiled
     # out[i, j] = images[i, idx[j]] / max_value (0 where idx[j] < 0); images (N, S) integer,
-    # idx (M·P,), out (N, M·P) float64.
+    # idx (M·P,), out (N, M·P) float64.  Gathered first, divided in a second, contiguous pass:
+    # that one is a vector loop (a scalar division per element cost ~1 ns, most of the fold).
     n = images.shape[0]
     q = idx.shape[0]
     for i in range(n):
         for j in range(q):
             s = idx[U(j)]
-            out[U(i), U(j)] = images[U(i), U(s)] / max_value if s >= 0 else 0.0
+            out[U(i), U(j)] = images[U(i), U(s)] if s >= 0 else 0.0
+        for j in range(q):
+            out[U(i), U(j)] = out[U(i), U(j)] / max_value
 
 
 @njit(nogil=True, cache=True)
 def squared_error(recon, images, idx, max_value, out):  # pragma: no cover - compiled
     # out[i] = Σ_j (clip(rint(recon[i, j]·max), 0, max) − images[i, idx[j]])² over idx[j] >= 0.
+    # Three passes per image: round (a vector loop), gather the differences, sum the squares.
+    # Every term is an integer (and every partial sum, below 2^53), so the sum is exact in any
+    # order: four running sums instead of one keep the additions from waiting on each other.
     n = images.shape[0]
     q = idx.shape[0]
+    d = np.empty(q)
     for i in range(n):
-        acc = 0.0
+        for j in range(q):
+            d[U(j)] = min(max(_rint_small(recon[U(i), U(j)] * max_value), 0.0), max_value)
         for j in range(q):
             s = idx[U(j)]
-            if s >= 0:
-                # branch-free clip (dark backgrounds make the branches unpredictable)
-                x = min(max(_rint(recon[U(i), U(j)] * max_value), 0.0), max_value)
-                y = x - images[U(i), U(s)]
-                acc += y * y
-        out[U(i)] = acc
+            d[U(j)] = d[U(j)] - images[U(i), U(s)] if s >= 0 else 0.0
+        a0 = a1 = a2 = a3 = 0.0
+        for j in range(0, q - 3, 4):
+            a0 += d[U(j)] * d[U(j)]
+            a1 += d[U(j + 1)] * d[U(j + 1)]
+            a2 += d[U(j + 2)] * d[U(j + 2)]
+            a3 += d[U(j + 3)] * d[U(j + 3)]
+        for j in range(q - q % 4, q):
+            a0 += d[U(j)] * d[U(j)]
+        out[U(i)] = (a0 + a1) + (a2 + a3)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rint_small(x):  # pragma: no cover - compiled
+    # np.rint for |x| < 2^51 (adding and removing 1.5·2^52 rounds half to even in the default
+    # rounding mode), with no branch so that loops over it are vector loops.  For larger |x| it
+    # returns a number of the same sign and at least 2^51 in size (inf and NaN unchanged), which
+    # the callers' clip to [0, max_value] maps to the same bound as rint's result.  No fastmath
+    # here on purpose: it would fold the trick away.
+    return (x + 6755399441055744.0) - 6755399441055744.0
 
 
 @njit(nogil=True, cache=True)
