@@ -185,6 +185,18 @@ def test_contract_matches_the_numpy_chain(numpy_only, ranks):
     np.testing.assert_allclose(fast[0], one, rtol=1e-12, atol=1e-12)
 
 
+@needs_numba
+def test_norms_and_distances_match_numpy_on_real_tensors(numpy_only, cifar):
+    flat = _tensors(cifar).reshape(144, -1)
+    recon = contract(tt_svd(_tensors(cifar), max_bonds=(4, 6, 6, 4)).cores)
+    (norm, dist), _ = both(numpy_only, lambda: _kernels.norms_and_distances(flat, recon))
+    # independent of both paths: plain numpy.linalg.norm
+    np.testing.assert_allclose(norm, np.linalg.norm(flat, axis=1), rtol=1e-13)
+    np.testing.assert_allclose(dist, np.linalg.norm(flat - recon, axis=1), rtol=1e-12)
+    zero_norm, zero_dist = _kernels.norms_and_distances(np.zeros((2, 5)), np.ones((2, 5)))
+    assert zero_norm.tolist() == [0.0, 0.0] and np.allclose(zero_dist, np.sqrt(5))
+
+
 def test_contract_still_reports_a_bond_mismatch():
     cores = [np.ones((2, 1, 4, 3)), np.ones((2, 2, 4, 1))]
     with pytest.raises(ValueError, match="bond mismatch"):

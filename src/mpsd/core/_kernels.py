@@ -75,6 +75,7 @@ def _kernels() -> dict[str, Any]:
                     a = np.ones((1, 2, 2))
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
                     nb.gram_rows(a, np.empty((1, 2, 2)))
+                    nb.norms_and_distances(np.ones((1, 2)), np.ones((1, 2)), np.empty(1), np.empty(1))
                     nb.gauge_quantize(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
                                       np.empty((1, 2), dtype=np.int8), np.empty((1, 2), dtype=np.float32))
                     nb.contract_packed(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
@@ -97,7 +98,8 @@ def _kernels() -> dict[str, Any]:
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch,
-                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "gather_scale": nb.gather_scale,
+                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows,
+                    "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
@@ -160,6 +162,18 @@ def gram_rows(m: np.ndarray) -> np.ndarray:
     out = np.empty((b, r, r))
     _kernels()["gram_rows"](np.ascontiguousarray(m, dtype=np.float64), out)
     return out
+
+
+def norms_and_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``‖a_i‖`` and ``‖a_i − b_i‖`` of every row of two (N, P) float64 arrays, shapes (N,), (N,)."""
+    if not use_numba() or a.shape != b.shape or a.ndim != 2:
+        diff = a - b
+        return np.sqrt(np.einsum("bp,bp->b", a, a)), np.sqrt(np.einsum("bp,bp->b", diff, diff))
+    norm, dist = np.empty(a.shape[0]), np.empty(a.shape[0])
+    _kernels()["norms_and_distances"](
+        np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64), norm, dist
+    )
+    return norm, dist
 
 
 def qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

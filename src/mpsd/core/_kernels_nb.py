@@ -360,6 +360,22 @@ def gram_rows(x, out):  # pragma: no cover - compiled
                 of[U(oo + j * m + i)] = s
 
 
+@njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
+def norms_and_distances(a, b, norm, dist):  # pragma: no cover - compiled
+    # norm[i] = ‖a[i]‖, dist[i] = ‖a[i] − b[i]‖ for rows of (N, P) arrays, one pass, no temporary.
+    n, q = a.shape
+    for i in range(n):
+        sa = 0.0
+        sd = 0.0
+        for j in range(q):
+            x = a[U(i), U(j)]
+            y = x - b[U(i), U(j)]
+            sa += x * x
+            sd += y * y
+        norm[U(i)] = math.sqrt(sa)
+        dist[U(i)] = math.sqrt(sd)
+
+
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract"})
 def qr_batch(x, q, r):  # pragma: no cover - compiled
     # Householder QR of x[t] (m×k, m >= k): q[t] (m×k) with orthonormal columns, r[t] (k×k)

@@ -167,11 +167,6 @@ def ranks_for_budget(
     return ranks_at(values[lo])
 
 
-def _row_norms(a: np.ndarray) -> np.ndarray:
-    """Euclidean norm of every row of a (B, P) array (einsum: no (B, P) temporary)."""
-    return np.sqrt(np.einsum("bp,bp->b", a, a))
-
-
 def balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
     """Rescale cores so that every core but the last has ``max|x| = 1`` per tensor.
 
@@ -230,11 +225,11 @@ def encode_batch(
     b, sites = s.shape[0], s.shape[1:]
     n1 = len(sites) - 1
     flat = s.reshape(b, -1)
-    total = np.zeros_like(flat)
+    total: np.ndarray | None = None  # Σ of the stages so far, as stored (None before the first)
     encoded: list[EncodedStage] = []
     entropy = np.full((b, n1), np.nan)
     for i, spec in enumerate(stages):
-        target = s if i == 0 else (flat - total).reshape(s.shape)
+        target = s if total is None else (flat - total).reshape(s.shape)
         spectra, basis = spectra_and_left_basis(target) if metrics or spec.ratio is not None else (None, None)
         if i == 0 and metrics:
             assert spectra is not None
@@ -247,9 +242,8 @@ def encode_batch(
         local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
         stored, scales = _store_cores(tt.cores, dtype)
         if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers
-            total = total + contract(
-                [dequantize(q, None if scales is None else scales[:, k]) for k, q in enumerate(stored)]
-            )
+            part = contract([dequantize(q, None if scales is None else scales[:, k]) for k, q in enumerate(stored)])
+            total = part if total is None else total + part
         encoded.append(
             EncodedStage(
                 cores=stored,
@@ -262,13 +256,9 @@ def encode_batch(
     if not metrics:
         nan = np.full(b, np.nan)
         return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=np.empty((b, 0)))
-    return EncodedBatch(
-        stages=encoded,
-        entropy=entropy,
-        norm=_row_norms(flat),
-        error=_row_norms(flat - total),
-        reconstruction=total,
-    )
+    assert total is not None
+    norm, error = _kernels.norms_and_distances(flat, total)
+    return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
 
 
 def decode_stages(
