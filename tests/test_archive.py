@@ -166,10 +166,10 @@ def test_decoding_one_image_reads_only_its_chunk(tmp_path, cifar, monkeypatch, t
     monkeypatch.setattr(LocalStore, "get", spy)
     monkeypatch.setattr(Archive, "_read_chunk_direct", spy_direct)
     np.testing.assert_array_equal(store[777], expected)
-    chunk_reads = [k for k in seen if "/c/" in k and k.startswith("stage")]
-    assert chunk_reads and all(k.split("/c/")[1].split("/")[0] == "6" for k in chunk_reads)
+    chunk_reads = [k for k in seen if "/c." in k and k.startswith("stage")]
+    assert chunk_reads and all(k.split("/c.")[1].split(".")[0] == "6" for k in chunk_reads)
     # one read per array of the chunk: 5 cores, their scales and ranks (which unpack the cores)
-    assert sorted(k.split("/c/")[0] for k in chunk_reads) == sorted(
+    assert sorted(k.split("/c.")[0] for k in chunk_reads) == sorted(
         [f"stage0/core{k}" for k in range(5)] + ["stage0/scales", "stage0/ranks"]
     )
 
@@ -236,7 +236,7 @@ def _store(tmp_path, cifar) -> Path:
 
 def test_flipped_bit_is_caught_by_checksum_and_verify(tmp_path, cifar):
     path = _store(tmp_path, cifar)
-    chunk = path / "stage0" / "core2" / "c" / "1" / "0" / "0"
+    chunk = path / "stage0" / "core2" / "c.1.0.0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
@@ -245,20 +245,20 @@ def test_flipped_bit_is_caught_by_checksum_and_verify(tmp_path, cifar):
     with pytest.raises(CorruptChunkError, match="stage0/core2"):
         store[40]
     report = verify_store(path)
-    assert not report.ok and any("stage0/core2/c/1" in p and "damaged" in p for p in report.problems)
+    assert not report.ok and any("stage0/core2/c.1" in p and "damaged" in p for p in report.problems)
 
 
 def test_deleted_chunk_is_reported_not_zero_filled(tmp_path, cifar):
     path = _store(tmp_path, cifar)
-    (path / "stage0" / "core0" / "c" / "0" / "0" / "0").unlink()
+    (path / "stage0" / "core0" / "c.0.0.0").unlink()
     with pytest.raises(ChunkNotFoundError):
         mpsd.open(path)[3]
-    assert any(p.startswith("missing: stage0/core0/c/0") for p in verify_store(path).problems)
+    assert any(p.startswith("missing: stage0/core0/c.0") for p in verify_store(path).problems)
 
 
 def test_truncated_chunk_is_an_error(tmp_path, cifar):
     path = _store(tmp_path, cifar)
-    chunk = path / "stage0" / "core4" / "c" / "0" / "0" / "0"
+    chunk = path / "stage0" / "core4" / "c.0.0.0"
     chunk.write_bytes(chunk.read_bytes()[:7])
     with pytest.raises(CorruptChunkError):
         mpsd.open(path)[0]

@@ -104,9 +104,9 @@ def test_verify_exit_codes(tmp_path, cifar):
     store = tmp_path / "s.zarr"
     mpsd.compress(cifar["x_train"][:20], store, bond="2,2,2,2")
     assert run("verify", str(store)).exit_code == 0
-    (store / "stage0" / "ranks" / "c" / "0" / "0" / "0").unlink()
+    (store / "stage0" / "ranks" / "c.0.0.0").unlink()
     r = runner.invoke(app, ["verify", str(store)])
-    assert r.exit_code == 1 and "missing: stage0/ranks/c/0/0/0" in r.output
+    assert r.exit_code == 1 and "missing: stage0/ranks/c.0.0.0" in r.output
 
 
 @pytest.mark.parametrize("point", ["after_first_batch", "before_commit", "before_manifest", "after_manifest"])

@@ -1,4 +1,5 @@
-"""Store format 2 (row-packed cores) and reading format 1 stores written by earlier versions."""
+"""Store format 3 (row-packed cores, one folder per array) and reading the formats 1 and 2 that
+earlier versions wrote."""
 
 from __future__ import annotations
 
@@ -18,24 +19,33 @@ from mpsd.core.ttsvd import parameter_count
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-# how tests/fixtures/format1-stores.zip was written (mpsd 0.1.0, format 1, commit 8af8947)
-FORMAT1_STORES = {
-    "cifar": ("v1-cifar-ratio-int8.zarr", "cifar10_source.npz",
+# how tests/fixtures/format<v>-stores.zip were written: mpsd 0.1.0, format 1, commit 8af8947;
+# format 2, commit 284eee4 (the same two stores each, v<v>-..., and expected.npz: store[:])
+OLD_STORES = {
+    "cifar": ("cifar-ratio-int8.zarr", "cifar10_source.npz",
               {"ratio": 0.3, "chunk_images": 6, "with_labels": True}),
-    "fashion": ("v1-fashion-tol-float16.zarr", "fashion_source.npz",
+    "fashion": ("fashion-tol-float16.zarr", "fashion_source.npz",
                 {"tol": 0.1, "residual_bonds": ["2,2,2,2"], "dtype": "float16", "chunk_images": 6, "metrics": False}),
 }  # fmt: skip
 
 
+def _unzip(tmp_path: Path, version: int) -> Path:
+    with zipfile.ZipFile(FIXTURES / f"format{version}-stores.zip") as zf:
+        zf.extractall(tmp_path / f"v{version}")
+    return tmp_path / f"v{version}"
+
+
 @pytest.fixture
 def format1(tmp_path: Path) -> Path:
-    with zipfile.ZipFile(FIXTURES / "format1-stores.zip") as zf:
-        zf.extractall(tmp_path / "v1")
-    return tmp_path / "v1"
+    return _unzip(tmp_path, 1)
 
 
-def _compress_like_format1(which: str, path: Path) -> mpsd.Archive:
-    _, source, options = FORMAT1_STORES[which]
+def _old_store(folder: Path, version: int, which: str) -> Path:
+    return folder / f"v{version}-{OLD_STORES[which][0]}"
+
+
+def _compress_like_old(which: str, path: Path) -> mpsd.Archive:
+    _, source, options = OLD_STORES[which]
     options = dict(options)
     with np.load(FIXTURES / source) as data:
         x, y, classes = data["x_train"][:12], data["y_train"][:12], list(data["classes"])
@@ -44,35 +54,63 @@ def _compress_like_format1(which: str, path: Path) -> mpsd.Archive:
     return mpsd.compress(x, path, workers=1, **options)
 
 
-@pytest.mark.parametrize("which", sorted(FORMAT1_STORES))
-def test_format1_stores_still_decode_as_they_did(format1, which):
-    store = mpsd.open(format1 / FORMAT1_STORES[which][0])
-    assert store.meta.format_version == 1
-    with np.load(format1 / "expected.npz") as expected:
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("which", sorted(OLD_STORES))
+def test_old_stores_still_decode_as_they_did(tmp_path, version, which):
+    folder = _unzip(tmp_path, version)
+    store = mpsd.open(_old_store(folder, version, which))
+    assert store.meta.format_version == version
+    with np.load(folder / "expected.npz") as expected:
         np.testing.assert_array_equal(store[:], expected[which])
         np.testing.assert_array_equal(store[7], expected[which][7])  # one image, second chunk
     assert verify_store(store.path).ok
-    assert np.isfinite(store.stats().param_ratio) and store.stats().format_version == 1
+    assert np.isfinite(store.stats().param_ratio) and store.stats().format_version == version
 
 
-@pytest.mark.parametrize("which", sorted(FORMAT1_STORES))
-def test_format2_decodes_exactly_like_format1_and_takes_fewer_bytes(tmp_path, format1, which):
-    old = mpsd.open(format1 / FORMAT1_STORES[which][0])
-    new = _compress_like_format1(which, tmp_path / "new.zarr")
-    assert new.meta.format_version == FORMAT_VERSION == 2 == new.stats().to_dict()["format_version"]
+@pytest.mark.parametrize("which", sorted(OLD_STORES))
+def test_current_format_decodes_exactly_like_format1_and_takes_fewer_bytes(tmp_path, format1, which):
+    old = mpsd.open(_old_store(format1, 1, which))
+    new = _compress_like_old(which, tmp_path / "new.zarr")
+    assert new.meta.format_version == FORMAT_VERSION == 3 == new.stats().to_dict()["format_version"]
     np.testing.assert_array_equal(new.decode(slice(None), kind="float"), old.decode(slice(None), kind="float"))
     assert new.bytes_on_disk < old.bytes_on_disk
 
 
-def test_supplement_on_a_format1_store_keeps_format1(tmp_path, format1):
-    old_path = format1 / FORMAT1_STORES["cifar"][0]
-    new = _compress_like_format1("cifar", tmp_path / "new.zarr")
+@pytest.mark.parametrize("which", sorted(OLD_STORES))
+def test_format3_holds_the_bytes_of_format2_without_a_folder_per_chunk(tmp_path, which):
+    old_path = _old_store(_unzip(tmp_path, 2), 2, which)
+    new = _compress_like_old(which, tmp_path / "new.zarr")
+    np.testing.assert_array_equal(new.decode(slice(None), kind="float"), mpsd.open(old_path).decode(slice(None), kind="float"))
+
+    def chunks(root: Path, pattern: str) -> dict[str, bytes]:
+        return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob(pattern) if f.is_file() and f.name != "zarr.json"}
+
+    # every chunk file of format 2 (c/<i>/0/0) is in format 3 with the same bytes (c.<i>.0.0)
+    old_chunks = {k.replace("/c/", "/c.").replace("/", "."): v for k, v in chunks(old_path, "*").items() if "/c/" in k}
+    new_chunks = {k.replace("/", "."): v for k, v in chunks(new.path, "c.*").items()}
+    assert old_chunks and old_chunks == new_chunks
+    # the folders are the groups and arrays, no more: one per array, none per chunk
+    folders = [p for p in new.path.rglob("*") if p.is_dir()]
+    assert folders and all((p / "zarr.json").is_file() for p in folders)
+    assert not any(p.name == "c" for p in folders)
+    assert verify_store(new.path).ok
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_supplement_on_an_old_store_keeps_its_format(tmp_path, version):
+    old_path = _old_store(_unzip(tmp_path, version), version, "cifar")
+    new = _compress_like_old("cifar", tmp_path / "new.zarr")
     bias = np.random.default_rng(0).normal(0, 8, size=(12, 32, 32, 3)).astype(np.float32)
     old = add_supplement(old_path, bias, bond="2,2,2,2")
     new = add_supplement(new.path, bias, bond="2,2,2,2")
-    assert old.meta.format_version == 1 and new.meta.format_version == 2
-    assert json.loads((old_path / MANIFEST_NAME).read_text())["format_version"] == 1
+    assert old.meta.format_version == version and new.meta.format_version == FORMAT_VERSION
+    assert json.loads((old_path / MANIFEST_NAME).read_text())["format_version"] == version
     assert old.meta.stages[-1].role == "supplement"
+    index = len(old.meta.stages) - 1
+    # the new stage's chunks are laid out like the rest of its store
+    old_core, new_core = old_path / f"stage{index}" / "core0", new.path / f"stage{index}" / "core0"
+    assert any(f.is_file() for f in (old_core / "c" / "0").rglob("*")) and not list(old_core.glob("c.*"))
+    assert (new_core / "c.0.0.0").is_file() and not (new_core / "c").exists()
     np.testing.assert_array_equal(old[:], new[:])
     assert verify_store(old_path).ok
 
@@ -93,7 +131,7 @@ def test_cores_are_stored_row_packed_by_their_own_ranks(tmp_path, cifar):
         rows = group[f"stage0/core{k}"][...].reshape(len(ranks), -1)
         used = full[:, k] * d * full[:, k + 1]
         assert not (rows * (np.arange(rows.shape[1]) >= used[:, None])).any()  # zeros after the used part
-        core_bytes += sum(f.stat().st_size for f in (store.path / "stage0" / f"core{k}" / "c").rglob("*") if f.is_file())
+        core_bytes += sum(f.stat().st_size for f in (store.path / "stage0" / f"core{k}").glob("c.*") if f.is_file())
     n_params = int(parameter_count(sites, ranks).sum())  # int8: one byte each
     # zero padding scattered through each row (format 1) cost 1.3 bytes per parameter here
     assert core_bytes <= 1.08 * n_params

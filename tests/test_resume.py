@@ -133,7 +133,7 @@ def test_resume_with_a_changed_input_is_refused(killed: Path, tmp_path: Path, ca
 def test_damaged_chunks_of_the_interrupted_run_are_written_again(killed: Path, tmp_path: Path, damage: str) -> None:
     src, target = copy_of(killed, tmp_path)
     (leftover, _n), = interrupted_runs(target)
-    chunk = leftover / "stage0" / "core2" / "c" / "0" / "0" / "0"
+    chunk = leftover / "stage0" / "core2" / "c.0.0.0"
     if damage == "flip":  # what a crash can do to data that was never synced
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF

@@ -169,7 +169,7 @@ def test_chunk_rewritten_with_a_valid_checksum_is_caught_by_the_manifest(store_p
     arr[0:16] = values
     assert mpsd.open(store_path)[0].shape == (32, 32, 3)  # decodes: checksums alone cannot see this
     report = verify_store(store_path)
-    assert not report.ok and any("damaged: stage0/core4/c/0" in p for p in report.problems)
+    assert not report.ok and any("damaged: stage0/core4/c.0" in p for p in report.problems)
 
 
 @pytest.mark.parametrize("content", ["bomb", "short", "not zstd"])
@@ -189,7 +189,7 @@ def test_chunk_with_a_valid_checksum_but_the_wrong_content_is_a_corrupt_chunk(st
         "not zstd": b"definitely not a zstd frame",
     }[content]
     body = bytes(body)
-    chunk = store_path / "stage0" / "core2" / "c" / "0" / "0" / "0"
+    chunk = store_path / "stage0" / "core2" / "c.0.0.0"
     chunk.write_bytes(body + np.uint32(google_crc32c.value(body)).tobytes())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CorruptChunkError, match="stage0/core2"):
@@ -232,7 +232,7 @@ def test_no_space_left_is_one_clean_error_and_keeps_the_old_store(tmp_path, cifa
 
 
 def test_leftover_partial_file_is_reported_by_verify(store_path):
-    (store_path / "stage0" / "core0" / "c" / ("0." + "a" * 32 + ".partial")).write_bytes(b"junk")
+    (store_path / "stage0" / "core0" / ("c.0." + "a" * 32 + ".partial")).write_bytes(b"junk")
     report = verify_store(store_path)
     assert any("leftover partial write" in p for p in report.problems)
 
@@ -242,7 +242,7 @@ def test_all_black_images_still_write_every_chunk(tmp_path):
     x = np.zeros((20, 32, 32), dtype=np.uint8)
     store = mpsd.compress(x, tmp_path / "black.zarr", bond="4,6,6,4", chunk_images=10)
     np.testing.assert_array_equal(store[:], x)
-    chunk = tmp_path / "black.zarr" / "stage0" / "core0" / "c" / "1" / "0" / "0"
+    chunk = tmp_path / "black.zarr" / "stage0" / "core0" / "c.1.0.0"
     assert chunk.is_file()
     chunk.unlink()
     from mpsd.errors import ChunkNotFoundError

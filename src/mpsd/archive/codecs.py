@@ -11,15 +11,26 @@ ZSTD_LEVEL = 3
 ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c", "transpose"})
 
 
-def array_codecs() -> dict[str, Any]:
+def array_codecs(separator: str = ".") -> dict[str, Any]:
     """Keyword arguments for :func:`zarr.create_array`: zstd, then a CRC-32C checksum.
 
     The checksum comes after the compressor, so a flipped bit in a chunk is caught before
     decompression and reported as a corrupt chunk instead of turning into wrong pixels.
+
+    Parameters
+    ----------
+    separator : {".", "/"}
+        Of the chunk keys: ``"."`` (store format 3) puts every chunk file of an array in the
+        array's folder (``c.0.0.0``); ``"/"`` (formats 1 and 2) makes a folder per chunk index
+        (``c/0/0/0``), and on ext4 creating those folders cost more CPU than encoding did
+        (``docs/format.md``).
     """
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return {"compressors": [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]}
+    return {
+        "compressors": [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+        "chunk_key_encoding": {"name": "default", "separator": separator},
+    }
 
 
 def stored_nbytes(arrays: dict[str, Any], *, chunk_rows: int = 1024) -> int:

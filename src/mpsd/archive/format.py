@@ -20,11 +20,18 @@ from mpsd.core.ttsvd import exact_ranks
 from mpsd.errors import StoreError
 
 FORMAT_NAME = "mpsd"
-#: Version written.  2: cores row-packed by each tensor's own ranks; 1: cores zero-padded to the
-#: storage bonds (read, never written).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version written.  3: chunk files named ``c.<i>.<j>...`` inside their array's folder (no folder
+#: per chunk); 2: cores row-packed by each tensor's own ranks, chunk keys ``c/<i>/<j>/...``;
+#: 1: cores zero-padded to the storage bonds.  1 and 2 are read, never written.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "mpsd-manifest.json"
+
+
+def chunk_separator(version: int) -> str:
+    """Separator of the chunk keys of arrays in a store of this format version."""
+    return "." if version >= 3 else "/"
+
 ATTRS_KEY = "mpsd"
 
 #: Caps applied to metadata read from a store before anything is allocated.

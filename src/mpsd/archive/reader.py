@@ -170,7 +170,9 @@ class Archive:
         return arr
 
     def _chunk_key(self, name: str, chunk: int, ndim: int) -> str:
-        return f"{name}/c/" + "/".join([str(chunk)] + ["0"] * (ndim - 1))
+        """Store key of chunk ``chunk`` (along axis 0) of array ``name``, as its metadata encodes it."""
+        arr = self._array(name)
+        return f"{name}/{arr.metadata.encode_chunk_key((chunk,) + (0,) * (ndim - 1))}"
 
     def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of an array, all inside one chunk along axis 0."""
@@ -203,7 +205,7 @@ class Archive:
                 and not md.get("storage_transformers")
                 and (endian == "little" or dt.itemsize == 1)
                 and dt.kind in "iuf"
-                and md.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") == "/"
+                and md.get("chunk_key_encoding", {}).get("name") == "default"
             ):
                 dtype = dt.newbyteorder("<")
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpsd.archive.codecs import array_codecs
-from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, StageMeta, stored_cores
+from mpsd.archive.format import ATTRS_KEY, MANIFEST_NAME, StageMeta, chunk_separator, stored_cores
 from mpsd.archive.reader import Archive
 from mpsd.archive.writer import _Lock, recover, swap_into_place, write_manifest
 from mpsd.core.codec import StageSpec, encode_batch
@@ -130,7 +130,7 @@ def _write_stage(
     sites = meta.layout.sites
     group = zarr.open_group(LocalStore(root), mode="r+", zarr_format=3)
     ch = meta.chunk_images
-    codecs = array_codecs()
+    codecs = array_codecs(chunk_separator(meta.format_version))  # the store's own key layout
 
     def make(name: str, shape: tuple[int, ...], dtype: str):  # type: ignore[no-untyped-def]
         return group.create_array(

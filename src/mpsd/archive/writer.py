@@ -35,6 +35,7 @@ from mpsd.archive.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     StoreMeta,
+    chunk_separator,
     stored_cores,
 )
 from mpsd.core.codec import EncodedBatch
@@ -607,7 +608,7 @@ class StoreWriter:
         store = LocalStore(self.tmp)
         self.group = zarr.open_group(store, mode="w-", zarr_format=3, attributes={ATTRS_KEY: self.meta.to_attrs()})
         ch = self.meta.chunk_images
-        codecs = array_codecs()
+        codecs = array_codecs(chunk_separator(self.meta.format_version))
         for name, shape, dtype in self._array_specs():
             self._arrays[name] = self.group.create_array(
                 name,
@@ -688,7 +689,7 @@ class StoreWriter:
             joined += raw.decode("utf-8", "surrogateescape").encode("utf-8", "surrogateescape")
             offsets[i + 1] = len(joined)
         blob = np.frombuffer(joined, dtype=np.uint8)
-        codecs = array_codecs()
+        codecs = array_codecs(chunk_separator(self.meta.format_version))
         for name, value in (("names/offsets", offsets), ("names/utf8", blob)):
             arr = self.group.create_array(
                 name, shape=value.shape, dtype=value.dtype, chunks=(max(min(1 << 20, value.shape[0]), 1),),
