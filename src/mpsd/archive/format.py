@@ -87,7 +87,7 @@ class StoreMeta:
 
     @property
     def packed(self) -> bool:
-        """Whether cores are row-packed (format 2) rather than zero-padded (format 1)."""
+        """Whether cores are row-packed (formats 2 and 3) rather than zero-padded (format 1)."""
         return self.format_version >= 2
 
     def core_shape(self, stage: int, k: int) -> tuple[int, ...]:
