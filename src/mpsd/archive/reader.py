@@ -365,9 +365,8 @@ class Archive:
         Per stage ``(cores, scales)``: core k of shape (B·M, R_{k-1}, d_k, R_k) (stored dtype,
         zero-padded: to the storage bonds for format 1, to the largest ranks of these images for
         formats 2 and 3), scales (B·M, n) or None.  With ``unpack=False`` a store of format 2 or 3
-        gives
-        ``(rows, scales, ranks)`` instead: core k as its packed rows (B·M, P_k) and the ranks
-        (B·M, n−1), validated.
+        gives ``(rows, scales, ranks)`` instead: core k as its packed rows (B·M, P_k) and the
+        ranks (B·M, n−1), validated.
         """
         meta = self.meta
         stages = []
