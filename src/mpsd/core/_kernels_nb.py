@@ -469,8 +469,10 @@ def gather_scale(images, idx, max_value, out):  # pragma: no cover - compiled
 def squared_error(recon, images, idx, max_value, out):  # pragma: no cover - compiled
     # out[i] = Σ_j (clip(rint(recon[i, j]·max), 0, max) − images[i, idx[j]])² over idx[j] >= 0.
     # Three passes per image: round (a vector loop), gather the differences, sum the squares.
-    # Every term is an integer (and every partial sum, below 2^53), so the sum is exact in any
-    # order: four running sums instead of one keep the additions from waiting on each other.
+    # Every term is an integer, so while the sum stays below 2^53 it is exact in any order (for
+    # uint8 images always: 255² per pixel; for uint16, unless about 2 million pixels are all off
+    # by the full range): four running sums instead of one keep the additions from waiting on
+    # each other.
     n = images.shape[0]
     q = idx.shape[0]
     d = np.empty(q)

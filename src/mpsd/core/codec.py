@@ -256,7 +256,8 @@ def encode_batch(
     if not metrics:
         nan = np.full(b, np.nan)
         return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=np.empty((b, 0)))
-    assert total is not None
+    if total is None:  # no stages at all: nothing is stored, the error is the whole tensor
+        total = np.zeros_like(flat)
     norm, error = _kernels.norms_and_distances(flat, total)
     return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
 
