@@ -192,6 +192,34 @@ def test_tt_svd_reuses_the_left_basis_of_the_spectra(cifar, kwargs):
 
 
 # ---------------------------------------------------------------- stages and ratio
+@pytest.mark.parametrize("case", ["photos", "rank_deficient", "zero", "masked"])
+def test_right_step_columns_are_orthonormal_and_exact(cifar, case):
+    """q r = x with orthonormal q, whether the columns are only rescaled or factorised by QR."""
+    from mpsd.core import ttsvd
+
+    layout = choose_layout(32, 32, 3)
+    m = layout.to_sites(cifar["x_train"][:40]).reshape(-1, 64, 16) / 255.0  # 120 bond-3-shaped matrices
+    if case == "rank_deficient":
+        m[:, :, 3:] = m[:, :, :1] * np.arange(13)  # rank 3: kept columns beyond it have σ = 0
+    elif case == "zero":
+        m[::2] = 0.0
+    w, v = np.linalg.eigh(m.transpose(0, 2, 1) @ m)
+    sq, v = np.maximum(w[:, ::-1], 0.0)[:, :8], v[:, :, ::-1][:, :, :8]
+    kept = np.ones(sq.shape, dtype=bool)
+    if case == "masked":
+        kept[::3, 5:] = False
+        v = v * kept[:, None, :]
+        sq = sq * kept
+    x = m @ v
+    q, r = ttsvd._orthonormal_columns(x, sq, kept)
+    np.testing.assert_allclose(q @ r, x, atol=1e-12)
+    qk = q * kept[:, None, :]
+    gram = qk.transpose(0, 2, 1) @ qk
+    np.testing.assert_allclose(gram, kept[:, :, None] * np.eye(8) * kept[:, None, :], atol=1e-9)
+    if case == "photos":  # real photos: every tensor is only rescaled, r is diagonal
+        assert np.all(r == r * np.eye(8))
+
+
 def test_residual_stage_fits_what_the_first_left(cifar):
     tensors = _channels(cifar, 32)
     one = encode_batch(tensors, [StageSpec(bonds=(4, 6, 6, 4))], dtype="float32")

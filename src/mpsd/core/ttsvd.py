@@ -105,6 +105,43 @@ def _eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, v
 
 
+#: Smallest ratio σ_j²/σ_1² of a kept column for which :func:`_orthonormal_columns` divides by
+#: σ_j instead of factorising: the columns then stay orthogonal to about ε·σ_1²/σ_j² ≈ 2e-10.
+SCALE_ONLY_RATIO = 1e-6
+
+
+def _orthonormal_columns(x: np.ndarray, sq: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x = q r`` with orthonormal columns in ``q``, for ``x = M V`` of the right-side sweep step.
+
+    ``V`` holds eigenvectors of ``MᵀM``, so the columns of ``x`` are orthogonal already, with
+    squared norms ``sq`` (its eigenvalues): ``q = x / σ`` and ``r = diag(σ)``.  A tensor with a
+    kept σ_j² below :data:`SCALE_ONLY_RATIO`·σ_1² (or σ_1 = 0) is factorised by Householder QR
+    instead, where that division would amplify rounding.
+
+    Parameters
+    ----------
+    x : ndarray of shape (B, m, R)
+    sq : ndarray of shape (B, R)
+        Eigenvalues belonging to the columns of ``V``, largest first.
+    kept : ndarray of shape (B, R), bool
+        Columns in use; the others are zero and stay zero.
+
+    Returns
+    -------
+    q : ndarray of shape (B, m, R)
+    r : ndarray of shape (B, R, R)
+    """
+    lead = sq[:, :1]
+    scale_only = np.all(~kept | (sq >= SCALE_ONLY_RATIO * lead), axis=1) & (lead[:, 0] > 0)
+    sig = np.where(kept, np.sqrt(np.maximum(sq, 0.0)), 0.0)
+    q = x / np.where(sig > 0, sig, 1.0)[:, None, :]
+    r = sig[:, :, None] * np.eye(sq.shape[1])
+    if not scale_only.all():
+        bad = ~scale_only
+        q[bad], r[bad] = _kernels.qr(x[bad])
+    return q, r
+
+
 def _tol_ranks(sq_sv: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
     """Smallest r with ``sum_{j>=r} σ_j² <= δ²`` per row; ``sq_sv`` descending, shape (B, m)."""
     # tail[:, r] = sum_{j >= r} σ_j²  (r = 0..m)
@@ -230,7 +267,7 @@ def tt_svd(
             m_mat = u.transpose(0, 2, 1) @ m_mat  # (B, R, p)
         else:
             v = vecs[:, :, :r_max] * keep  # (B, p, R)
-            q, rf = _kernels.qr(m_mat @ v)  # (B, m, R), (B, R, R)
+            q, rf = _orthonormal_columns(m_mat @ v, sq_sv[:, :r_max], keep[:, 0, :] > 0)  # (B, m, R), (B, R, R)
             q = q * keep
             cores.append(q.reshape(b, r_prev, d, r_max))
             m_mat = rf @ v.transpose(0, 2, 1)  # (B, R, p)
