@@ -32,6 +32,12 @@ def chunk_separator(version: int) -> str:
     """Separator of the chunk keys of arrays in a store of this format version."""
     return "." if version >= 3 else "/"
 
+
+def chunk_key(name: str, arr: Any, index: int) -> str:
+    """Store key of chunk ``index`` (along axis 0) of the zarr array ``arr`` at ``name``, as its
+    metadata encodes it (``stage0/core2/c.1.0.0`` in format 3, ``.../c/1/0/0`` before)."""
+    return f"{name}/{arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))}"
+
 ATTRS_KEY = "mpsd"
 
 #: Caps applied to metadata read from a store before anything is allocated.

@@ -20,6 +20,7 @@ from mpsd.archive.format import (
     MAX_CHUNK_ELEMENTS,
     StoreMeta,
     checked_ranks,
+    chunk_key,
     cores_from_storage,
     parse_metadata,
 )
@@ -169,16 +170,11 @@ class Archive:
         self._arrays[name] = arr
         return arr
 
-    def _chunk_key(self, name: str, chunk: int, ndim: int) -> str:
-        """Store key of chunk ``chunk`` (along axis 0) of array ``name``, as its metadata encodes it."""
-        arr = self._array(name)
-        return f"{name}/{arr.metadata.encode_chunk_key((chunk,) + (0,) * (ndim - 1))}"
-
     def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of an array, all inside one chunk along axis 0."""
         arr = self._array(name)
         chunk = start // arr.chunks[0]
-        key = self._chunk_key(name, chunk, arr.ndim)
+        key = chunk_key(name, arr, chunk)
         if key not in self.manifest["files"] or not (self.path / key).is_file():
             raise ChunkNotFoundError(name, key)
         try:
@@ -254,7 +250,7 @@ class Archive:
         arrays = [self._array(name) for name in names]
         keys = []
         for name, arr in zip(names, arrays, strict=True):
-            key = self._chunk_key(name, start // arr.chunks[0], arr.ndim)
+            key = chunk_key(name, arr, start // arr.chunks[0])
             if key not in self.manifest["files"] or not (self.path / key).is_file():
                 raise ChunkNotFoundError(name, key)
             keys.append(key)

@@ -35,6 +35,7 @@ from mpsd.archive.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     StoreMeta,
+    chunk_key,
     chunk_separator,
     stored_cores,
 )
@@ -515,9 +516,9 @@ class StoreWriter:
                 for name, arr in self._arrays.items():
                     if name == "labels":
                         continue
-                    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
-                    if not (self.tmp / name / key).is_file():
-                        raise StoreError(f"{name}/{key}: missing")
+                    key = chunk_key(name, arr, index)
+                    if not (self.tmp / key).is_file():
+                        raise StoreError(f"{key}: missing")
                     arr[start:stop]
             except Exception as exc:
                 log.info("%s: chunk %d of the interrupted run is written again (%s)", self.path, index, exc)
@@ -556,7 +557,7 @@ class StoreWriter:
             padded[: data.shape[0]] = data
             data = padded
         body = bytes(_zstd().encode(data))
-        key = f"{name}/{arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))}"
+        key = chunk_key(name, arr, index)
         checksum = google_crc32c.value(body).to_bytes(4, "little")
         self._digests.pop(key, None)  # a rewrite that fails half way leaves no stale digest
         _write_file(self.tmp / key, body, checksum)
