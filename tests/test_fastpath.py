@@ -94,7 +94,42 @@ def test_eigh_matches_lapack(numpy_only, case):
     np.testing.assert_allclose(np.einsum("bij,bj,bkj->bik", v, w, v), g, atol=1e-13 * scale)
     wv, none = _kernels.eigh_desc(g, vectors=False)
     assert none is None
-    np.testing.assert_array_equal(wv, w)
+    np.testing.assert_allclose(wv, w0, rtol=0, atol=1e-13 * scale)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", list(_gram_cases()))
+def test_eigh_leading_vectors_match_lapack(numpy_only, case):
+    """``k`` leading eigenvectors (inverse iteration for k <= n/2) against LAPACK's whole basis."""
+    g = _gram_cases()[case]
+    b, n = g.shape[:2]
+    w0, v0 = np.linalg.eigh(g)
+    w0, v0 = np.maximum(w0[:, ::-1], 0.0), v0[:, :, ::-1]
+    scale = np.maximum(np.abs(w0).max(axis=1), 1e-300)  # per matrix: "mixed" spans 400 decades
+    values_only = _kernels.eigh_desc(g, vectors=False)[0]
+    for k in sorted({1, max(n // 2, 1), n}):
+        w, v = _kernels.eigh_desc(g, vectors=True, k=k)
+        assert w.shape == (b, n) and v.shape == (b, n, k)
+        assert np.all(np.abs(w - w0) <= 1e-13 * scale[:, None])
+        assert np.all(np.diff(w, axis=1) <= 0)
+        np.testing.assert_allclose(v.transpose(0, 2, 1) @ v, np.broadcast_to(np.eye(k), (b, k, k)), atol=1e-12)
+        # G v_j = λ_j v_j: holds inside clusters of equal eigenvalues too, where any basis will do
+        residual = np.linalg.norm((g @ v - v * w[:, None, :k]) / scale[:, None, None], axis=(1, 2))
+        assert np.all(residual <= 1e-12), residual
+        # where the k-th and (k+1)-th eigenvalues differ, the same invariant subspace as LAPACK's
+        if k < n:
+            gap = (w0[:, k - 1] - w0[:, k]) / scale > 1e-6
+            p, p0 = v @ v.transpose(0, 2, 1), v0[:, :, :k] @ v0[:, :, :k].transpose(0, 2, 1)
+            np.testing.assert_allclose(p[gap], p0[gap], atol=1e-9)
+        if k <= n // 2:  # one kernel: the values are the very same as without vectors
+            np.testing.assert_array_equal(w, values_only)
+        numpy_only(True)
+        try:
+            wn, vn = _kernels.eigh_desc(g, vectors=True, k=k)
+        finally:
+            numpy_only(False)
+        assert vn.shape == (b, n, k)
+        np.testing.assert_allclose(wn, w0, rtol=0, atol=1e-13 * float(scale.max()))
 
 
 @needs_numba
@@ -138,11 +173,12 @@ def test_eigh_hands_matrices_that_are_not_finite_to_lapack(numpy_only, value):
 def test_eigh_result_does_not_depend_on_the_batch_it_is_in(cifar):
     a = _tensors(cifar, 20).reshape(-1, 16, 64)
     g = a @ a.transpose(0, 2, 1)
-    w, v = _kernels.eigh_desc(g)
-    for i in (0, 7, 13, len(g) - 1):
-        wi, vi = _kernels.eigh_desc(g[i : i + 1])
-        np.testing.assert_array_equal(wi[0], w[i])
-        np.testing.assert_array_equal(vi[0], v[i])
+    for k in (None, 6):
+        w, v = _kernels.eigh_desc(g, k=k)
+        for i in (0, 7, 13, len(g) - 1):
+            wi, vi = _kernels.eigh_desc(g[i : i + 1], k=k)
+            np.testing.assert_array_equal(wi[0], w[i])
+            np.testing.assert_array_equal(vi[0], v[i])
 
 
 # ---------------------------------------------------------------- small linear algebra

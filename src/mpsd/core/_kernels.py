@@ -44,8 +44,15 @@ HAVE_NUMBA: bool = importlib.util.find_spec("numba") is not None
 
 #: Matrices handled in lock step by the QL kernel.
 LANES = 8
+#: Matrices in the vector lanes of the eigenvalue and top-k kernel (``eigh_top_batch``).
+WIDE_LANES = 64
 #: QL iterations allowed per eigenvalue before a matrix is handed to LAPACK instead.
 MAX_QL_ITERATIONS = 30
+#: Steps of inverse iteration per eigenvector (LAPACK's dstein stops two steps after it
+#: converges, which from an eigenvalue computed to working precision is after the first).
+INVERSE_ITERATION_STEPS = 3
+#: Largest order for ``eigh_top_batch``; larger matrices go to the one-at-a-time QL kernels.
+TOP_MAX_ORDER = 32
 
 _lock = threading.Lock()
 _compiled: dict[str, Any] | None = None
@@ -72,6 +79,11 @@ def _kernels() -> dict[str, Any]:
                             g, vec, MAX_QL_ITERATIONS, np.empty((1, 2)), np.empty((1, 2, 2)),
                             np.zeros(1, dtype=np.bool_),
                         )
+                    for k in (0, 1):
+                        nb.eigh_top_batch(
+                            g, k, MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS, np.empty((1, 2)),
+                            np.empty((1, 2, 1)), np.zeros(1, dtype=np.bool_),
+                        )
                     a = np.ones((1, 2, 2))
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
                     nb.gram_rows(a, np.empty((1, 2, 2)))
@@ -97,7 +109,7 @@ def _kernels() -> dict[str, Any]:
                         nb.pack_rows(np.zeros((1, 1, 1, 1), dtype=dt), one, one, np.zeros((1, 1), dtype=dt))
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
-                    "eigh_batch": nb.eigh_batch,
+                    "eigh_batch": nb.eigh_batch, "eigh_top_batch": nb.eigh_top_batch,
                     "qr": nb.qr_batch, "gram_rows": nb.gram_rows,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
@@ -110,16 +122,19 @@ def _kernels() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- public functions
-def eigh_desc_numpy(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def eigh_desc_numpy(
+    gram: np.ndarray, vectors: bool = True, k: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference path: ``numpy.linalg.eigh``; eigenvalues largest first, clipped at 0."""
     if not vectors:
         w = np.linalg.eigvalsh(gram)
         return np.maximum(w[..., ::-1], 0.0), None
     w, v = np.linalg.eigh(gram)
-    return np.maximum(w[..., ::-1], 0.0), v[..., ::-1]
+    v = v[..., ::-1]
+    return np.maximum(w[..., ::-1], 0.0), (v if k is None else np.ascontiguousarray(v[..., :k]))
 
 
-def eigh_desc(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def eigh_desc(gram: np.ndarray, vectors: bool = True, k: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Eigenpairs of a batch of symmetric matrices, largest first; eigenvalues clipped at 0.
 
     Parameters
@@ -128,22 +143,45 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.nd
         Symmetric (only read as a whole; both triangles must agree).
     vectors : bool
         Also return the eigenvectors.
+    k : int, optional
+        Return only the eigenvectors of the ``k`` largest eigenvalues (all n by default).  With
+        ``k <= n // 2`` the compiled path finds them by inverse iteration instead of
+        accumulating all n, which is cheaper.
 
     Returns
     -------
     values : ndarray of shape (B, n), float64, descending
-    vectors : ndarray of shape (B, n, n) (column j belongs to value j) or None
+    vectors : ndarray of shape (B, n, k) (column j belongs to value j) or None
+
+    Notes
+    -----
+    Compiled paths: for the values alone, and for ``k <= n // 2`` vectors of matrices up to
+    :data:`TOP_MAX_ORDER`, ``eigh_top_batch`` (rational QL and inverse iteration, 64 matrices in
+    the vector lanes); otherwise ``eigh_batch`` (QL with rotations).  The two round differently,
+    so the values of one matrix may differ in the last bits between ``k`` small and ``k = n``;
+    ``vectors=False`` and any ``k <= n // 2`` give the very same values.
     """
     g = np.ascontiguousarray(gram, dtype=np.float64)
+    n = g.shape[-1] if g.ndim else 0
+    kk = n if k is None else int(k)
+    if vectors and not 0 <= kk <= n:
+        raise ValueError(f"k must be between 0 and {n}, got {k}")
     if not use_numba() or g.ndim != 3 or g.shape[0] == 0 or g.shape[1] == 0:
-        return eigh_desc_numpy(g, vectors)
-    b, n = g.shape[:2]
+        return eigh_desc_numpy(g, vectors, kk)
+    b = g.shape[0]
     vals = np.empty((b, n))
-    vecs = np.empty((b, n, n)) if vectors else np.empty((0, 0, 0))
     bad = np.zeros(b, dtype=np.bool_)
-    _kernels()["eigh_batch"](g, vectors, MAX_QL_ITERATIONS, vals, vecs, bad)
+    if 2 <= n <= TOP_MAX_ORDER and (not vectors or kk <= n // 2):
+        kv = kk if vectors else 0
+        vecs = np.empty((b, n, kv))
+        _kernels()["eigh_top_batch"](g, kv, MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS, vals, vecs, bad)
+    else:
+        vecs = np.empty((b, n, n)) if vectors else np.empty((0, 0, 0))
+        _kernels()["eigh_batch"](g, vectors, MAX_QL_ITERATIONS, vals, vecs, bad)
+        if vectors and kk < n:
+            vecs = np.ascontiguousarray(vecs[:, :, :kk])
     if bad.any():  # safety net: not converged or not finite, LAPACK decides
-        w2, v2 = eigh_desc_numpy(np.ascontiguousarray(gram, dtype=np.float64)[bad], vectors)
+        w2, v2 = eigh_desc_numpy(g[bad], vectors, kk)
         vals[bad] = w2
         if vectors:
             vecs[bad] = v2

@@ -251,6 +251,39 @@ def tql2_lanes(w, d, e, n, vec, maxit, st):  # pragma: no cover - compiled
     return ok
 
 @njit(nogil=True, cache=True)
+def _load_block(g, t0, nb, nl, ws, scale, bad):  # pragma: no cover - compiled
+    # Matrices g[t0 : t0 + nb] into the lanes of ws (element (i, j) of lane v at (i*n + j)*nl + v);
+    # lanes past the batch get zero matrices.  A matrix far from unit size is scaled by a power
+    # of two (exact: it changes no rounding) so that no square in the kernels overflows or
+    # underflows (scale[v]); one that is not finite is left to LAPACK (bad) and zeroed here.
+    n = g.shape[1]
+    nn = n * n
+    for v in range(nb):
+        scale[v] = 1.0
+        peak = 0.0
+        for i in range(n):
+            for j in range(n):
+                peak = max(peak, abs(g[U(t0 + v), U(i), U(j)]))
+        if not np.isfinite(peak):
+            bad[U(t0 + v)] = True
+        elif peak > 2.0**300 or (0.0 < peak < 2.0**-300):
+            scale[v] = 2.0 ** -round(math.log2(peak))
+    for v in range(nb, nl):
+        scale[v] = 1.0
+    for i in range(n):
+        for j in range(n):
+            o = (i * n + j) * nl
+            for v in range(nb):
+                ws[U(o + v)] = g[U(t0 + v), U(i), U(j)] * scale[v]
+            for v in range(nb, nl):
+                ws[U(o + v)] = 0.0
+    for v in range(nb):
+        if bad[U(t0 + v)]:
+            for q in range(nn):
+                ws[U(q * nl + v)] = 0.0
+
+
+@njit(nogil=True, cache=True)
 def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
     # g: (B, n, n) C-contiguous float64.  vals (B, n) descending, vecs (B, n, n) columns.
     # Blocks of ``groups * lanes`` matrices: Householder reduction of the whole block in the
@@ -275,30 +308,7 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
     scale = np.ones(nl)
     for t0 in range(0, b, nl):
         nb = min(nl, b - t0)
-        for v in range(nb):
-            # a matrix far from unit size is scaled by a power of two (exact: it changes no
-            # rounding) so that no square in the kernel overflows or underflows; one that is
-            # not finite is left to LAPACK (and zeroed here)
-            scale[v] = 1.0
-            peak = 0.0
-            for i in range(n):
-                for j in range(n):
-                    peak = max(peak, abs(g[U(t0 + v), U(i), U(j)]))
-            if not np.isfinite(peak):
-                bad[U(t0 + v)] = True
-            elif peak > 2.0**300 or (0.0 < peak < 2.0**-300):
-                scale[v] = 2.0 ** -round(math.log2(peak))
-        for i in range(n):
-            for j in range(n):
-                o = (i * n + j) * nl
-                for v in range(nb):
-                    ws[U(o + v)] = g[U(t0 + v), U(i), U(j)] * scale[v]
-                for v in range(nb, nl):  # lanes past the batch: zero matrices
-                    ws[U(o + v)] = 0.0
-        for v in range(nb):
-            if bad[U(t0 + v)]:
-                for q in range(nn):
-                    ws[U(q * nl + v)] = 0.0
+        _load_block(g, t0, nb, nl, ws, scale, bad)
         tred2_lanes(ws, ds, es, n, nl, vec, sc, hv, fv, gv)
         for q in range(groups):
             v0 = q * lanes
@@ -337,6 +347,350 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
                         oj = v * nn + order[U(j)] * n
                         for i in range(n):
                             vecs[U(t), U(i), U(j)] = w[U(oj + i)]
+
+
+# ---------------------------------------------------------------------- top-k eigenpairs
+# eigh_top_batch: the Householder reduction above on blocks of ``wide`` matrices, then a
+# root-free QL for the eigenvalues and inverse iteration for the k leading eigenvectors, every
+# step with the matrices in the vector lanes.  The QL of tql2 needs a square root and a
+# division per rotation, scalar here; the rational QL (EISPACK tqlrat) needs two divisions and
+# no square root, and with 64 lanes LLVM turns its loops into vector loops (with fewer lanes it
+# leaves them to the scalar remainder).  Lanes never exchange values: a lane that has finished
+# takes its old values through selects, so each matrix gets the arithmetic it would get alone.
+wide = 64  # must equal _kernels.WIDE_LANES
+# start vectors of the inverse iteration: fixed, different for every eigenvector, no zeros
+start_vectors = np.array(
+    [[0.5 + ((math.sin(12.9898 * (i + 1) + 78.233 * (j + 1)) * 43758.5453) % 1.0) for i in range(64)] for j in range(64)]
+)
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def _rational_sweep(d, e, g, h, s, floor, m_of, i, nl):  # pragma: no cover - compiled
+    # One step i of the rational QL sweep, for the lanes with i < m_of[v]; the others keep
+    # their values (a separate function: inlined into tqlrat_lanes LLVM does not vectorise it).
+    for v in range(nl):
+        on = U(i) < U(m_of[U(v)])
+        gv = g[U(v)]
+        hv = h[U(v)]
+        sv = s[U(v)]
+        e2i = e[U(i * nl + v)]
+        di = d[U(i * nl + v)]
+        e1 = e[U((i + 1) * nl + v)]
+        d1 = d[U((i + 1) * nl + v)]
+        fl = floor[U(v)]
+        p = gv * hv
+        r = p + e2i
+        rinv = 1.0 / r
+        sn = e2i * rinv
+        gn = di - e2i / gv
+        gn = gn if gn != 0.0 else fl
+        e[U((i + 1) * nl + v)] = sv * r if on else e1
+        d[U((i + 1) * nl + v)] = hv + sn * (hv + di) if on else d1
+        s[U(v)] = sn if on else sv
+        g[U(v)] = gn if on else gv
+        h[U(v)] = gn * p * rinv if on else hv
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def tqlrat_lanes(d, e, n, nl, maxit, failed):  # pragma: no cover - compiled
+    # Eigenvalues (unsorted, in d) of nl symmetric tridiagonal matrices as tred2_lanes leaves
+    # them: diagonal d[i*nl + v], sub-diagonal e[i*nl + v] for i >= 1 (e is overwritten).
+    # EISPACK tqlrat (Pal-Walker-Kahan rational QL, works on the squares of the sub-diagonal),
+    # every lane with its own split point m and shift; failed[v] = 1 for a lane that did not
+    # converge in maxit iterations of one eigenvalue (its values are then meaningless).
+    f = np.zeros(nl)
+    t = np.zeros(nl)
+    floor = np.empty(nl)
+    small = np.empty(nl)
+    act = np.empty(nl)
+    g = np.empty(nl)
+    h = np.empty(nl)
+    s = np.empty(nl)
+    m_of = np.empty(nl, dtype=np.int64)
+    for i in range(n - 1):
+        for v in range(nl):
+            x = e[U((i + 1) * nl + v)]
+            e[U(i * nl + v)] = x * x
+    for v in range(nl):
+        e[U((n - 1) * nl + v)] = 0.0
+        failed[U(v)] = 0.0
+    for lo in range(n):
+        for v in range(nl):
+            tv = max(t[U(v)], abs(d[U(lo * nl + v)]) + math.sqrt(e[U(lo * nl + v)]))
+            t[U(v)] = tv
+            floor[U(v)] = eps * tv
+            small[U(v)] = (eps * tv) * (eps * tv)
+        for it in range(maxit + 1):
+            # m: the first index >= lo whose squared sub-diagonal is negligible (e[n-1] = 0)
+            for v in range(nl):
+                m_of[U(v)] = n - 1
+            for m in range(n - 2, lo - 1, -1):
+                for v in range(nl):
+                    m_of[U(v)] = m if e[U(m * nl + v)] <= small[U(v)] else m_of[U(v)]
+            top = lo
+            for v in range(nl):
+                top = max(top, m_of[U(v)])
+            if top == lo:
+                break
+            if it == maxit:
+                for v in range(nl):
+                    failed[U(v)] = 1.0 if m_of[U(v)] != lo else failed[U(v)]
+                break
+            # shift from the leading 2×2 block of every active lane
+            for v in range(nl):
+                a = m_of[U(v)] != lo
+                el = e[U(lo * nl + v)]
+                gv = d[U(lo * nl + v)]
+                d1 = d[U((lo + 1) * nl + v)]
+                sv = math.sqrt(el)
+                p = (d1 - gv) / (2.0 * sv)
+                r = math.sqrt(p * p + 1.0)
+                dl = sv / (p + (r if p >= 0 else -r))
+                hh = gv - dl if a else 0.0
+                d[U(lo * nl + v)] = dl if a else gv
+                h[U(v)] = hh
+                f[U(v)] += hh
+                act[U(v)] = 1.0 if a else 0.0
+            for i in range(lo + 1, n):
+                for v in range(nl):
+                    d[U(i * nl + v)] -= h[U(v)]
+            for v in range(nl):
+                gg = d[U(m_of[U(v)] * nl + v)]
+                fl = floor[U(v)]
+                gg = gg if gg != 0.0 else fl
+                g[U(v)] = gg
+                h[U(v)] = gg
+                s[U(v)] = 0.0
+            for i in range(top - 1, lo - 1, -1):
+                _rational_sweep(d, e, g, h, s, floor, m_of, i, nl)
+            for v in range(nl):
+                a = act[U(v)] != 0.0
+                hh = h[U(v)]
+                e2l = s[U(v)] * g[U(v)]
+                dl = d[U(lo * nl + v)]
+                el = e[U(lo * nl + v)]
+                done = hh == 0.0 or abs(e2l) <= abs(small[U(v)] / hh)
+                d[U(lo * nl + v)] = hh if a else dl
+                e[U(lo * nl + v)] = (0.0 if done else hh * e2l) if a else el
+        for v in range(nl):
+            d[U(lo * nl + v)] += f[U(v)]
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def _shifts(lam, j, prev, sig, norm, nl):  # pragma: no cover - compiled
+    # Shift of eigenvector j: its eigenvalue, moved 10·ε·‖T‖ below the previous shift when closer
+    # than that (LAPACK dstein), so that equal eigenvalues get distinct shifts.
+    for v in range(nl):
+        x = lam[U(j * nl + v)]
+        pv = prev[U(v)]
+        gap = 10.0 * eps * norm[U(v)]
+        x = pv - gap if (j > 0 and pv - x < gap) else x
+        sig[U(v)] = x
+        prev[U(v)] = x
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def _lu_lanes(dt, et, sig, n, nl, ud, u1, u2, lm, sw, tiny):  # pragma: no cover - compiled
+    # LU with partial pivoting of T − sig (LAPACK dlagtf): U has the diagonal ud and two
+    # super-diagonals u1, u2; step i multiplies by lm[i] after swapping rows i, i+1 where sw[i].
+    # A zero pivot is replaced by tiny (ε·‖T‖), as inverse iteration wants.
+    for v in range(nl):
+        ud[U(v)] = dt[U(v)] - sig[U(v)]
+        u1[U(v)] = et[U(nl + v)]
+    for i in range(n - 1):
+        for v in range(nl):
+            piv = ud[U(i * nl + v)]
+            sup = u1[U(i * nl + v)]
+            below = et[U((i + 1) * nl + v)]
+            dn = dt[U((i + 1) * nl + v)] - sig[U(v)]
+            en = et[U((i + 2) * nl + v)] if i + 2 < n else 0.0
+            swap = abs(below) > abs(piv)
+            tv = tiny[U(v)]
+            p0 = piv if piv != 0.0 else tv
+            l_keep = below / p0
+            l_swap = piv / below
+            ud[U(i * nl + v)] = below if swap else p0
+            u1[U(i * nl + v)] = dn if swap else sup
+            u2[U(i * nl + v)] = en if swap else 0.0
+            lm[U(i * nl + v)] = l_swap if swap else l_keep
+            sw[U(i * nl + v)] = 1.0 if swap else 0.0
+            ud[U((i + 1) * nl + v)] = sup - l_swap * dn if swap else dn - l_keep * sup
+            u1[U((i + 1) * nl + v)] = -l_swap * en if swap else en
+    for v in range(nl):
+        x = ud[U((n - 1) * nl + v)]
+        tv = tiny[U(v)]
+        ud[U((n - 1) * nl + v)] = x if x != 0.0 else tv
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def _solve_lanes(x, n, nl, ud, u1, u2, lm, sw, with_l):  # pragma: no cover - compiled
+    # x ← (T − sig)⁻¹ x from _lu_lanes (without the L part: U⁻¹ x, for the first step)
+    if with_l:
+        for i in range(n - 1):
+            for v in range(nl):
+                a = x[U(i * nl + v)]
+                b = x[U((i + 1) * nl + v)]
+                s = sw[U(i * nl + v)] != 0.0
+                top = b if s else a
+                bot = a if s else b
+                x[U(i * nl + v)] = top
+                x[U((i + 1) * nl + v)] = bot - lm[U(i * nl + v)] * top
+    for v in range(nl):
+        x[U((n - 1) * nl + v)] = x[U((n - 1) * nl + v)] / ud[U((n - 1) * nl + v)]
+    if n > 1:
+        i = n - 2
+        for v in range(nl):
+            x[U(i * nl + v)] = (x[U(i * nl + v)] - u1[U(i * nl + v)] * x[U((i + 1) * nl + v)]) / ud[U(i * nl + v)]
+    for i in range(n - 3, -1, -1):
+        for v in range(nl):
+            y = x[U(i * nl + v)] - u1[U(i * nl + v)] * x[U((i + 1) * nl + v)] - u2[U(i * nl + v)] * x[U((i + 2) * nl + v)]
+            x[U(i * nl + v)] = y / ud[U(i * nl + v)]
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def _orthonormalise(z, j, x, n, nl, acc):  # pragma: no cover - compiled
+    # x ← x minus its components along z_0 … z_{j−1} (modified Gram-Schmidt), then x / ‖x‖
+    for q in range(j):
+        oq = q * n * nl
+        for v in range(nl):
+            acc[U(v)] = 0.0
+        for i in range(n):
+            for v in range(nl):
+                acc[U(v)] += z[U(oq + i * nl + v)] * x[U(i * nl + v)]
+        for i in range(n):
+            for v in range(nl):
+                x[U(i * nl + v)] -= acc[U(v)] * z[U(oq + i * nl + v)]
+    for v in range(nl):
+        acc[U(v)] = 0.0
+    for i in range(n):
+        for v in range(nl):
+            acc[U(v)] += x[U(i * nl + v)] * x[U(i * nl + v)]
+    for v in range(nl):
+        a = acc[U(v)]
+        acc[U(v)] = 1.0 / math.sqrt(a) if a > 0.0 else 0.0
+    for i in range(n):
+        for v in range(nl):
+            x[U(i * nl + v)] *= acc[U(v)]
+
+
+@njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
+def invit_lanes(dt, et, lam, k, n, nl, norm, steps, z):  # pragma: no cover - compiled
+    # Eigenvectors z_j (z[(j*n + i)*nl + v]) of the tridiagonal matrices (dt, et) for the
+    # eigenvalues lam[j*nl + v], j < k, largest first: ``steps`` steps of inverse iteration from a
+    # fixed start vector, each followed by Gram-Schmidt against z_0 … z_{j−1} (all of them, not
+    # only those of close eigenvalues: k is small) and normalisation.
+    ud = np.empty(n * nl)
+    u1 = np.empty(n * nl)
+    u2 = np.empty(n * nl)
+    lm = np.empty(n * nl)
+    sw = np.empty(n * nl)
+    sig = np.empty(nl)
+    tiny = np.empty(nl)
+    acc = np.empty(nl)
+    prev = np.zeros(nl)
+    x = np.empty(n * nl)
+    for v in range(nl):
+        nv = norm[U(v)]
+        nv = nv if nv > 0.0 else 1.0
+        norm[U(v)] = nv
+        tiny[U(v)] = eps * nv
+    for j in range(k):
+        _shifts(lam, j, prev, sig, norm, nl)
+        _lu_lanes(dt, et, sig, n, nl, ud, u1, u2, lm, sw, tiny)
+        for i in range(n):
+            for v in range(nl):
+                x[U(i * nl + v)] = start_vectors[U(j), U(i)]
+        for it in range(steps):
+            _solve_lanes(x, n, nl, ud, u1, u2, lm, sw, it > 0)
+            _orthonormalise(z, j, x, n, nl, acc)
+        oz = j * n * nl
+        for q in range(n * nl):
+            z[U(oz + q)] = x[U(q)]
+
+
+@njit(nogil=True, cache=True, fastmath=fm)
+def _back_transform(z, ws, k, n, nl, out):  # pragma: no cover - compiled
+    # out_j = Σ_i z_j[i] · (row i of the tred2 transformation in ws): eigenvectors of the matrices
+    for j in range(k):
+        for c in range(n):
+            o = (j * n + c) * nl
+            for v in range(nl):
+                out[U(o + v)] = 0.0
+            for i in range(n):
+                oz = (j * n + i) * nl
+                ow = (i * n + c) * nl
+                for v in range(nl):
+                    out[U(o + v)] += z[U(oz + v)] * ws[U(ow + v)]
+
+
+@njit(nogil=True, cache=True)
+def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - compiled
+    # g: (B, n, n) C-contiguous float64.  vals (B, n): all eigenvalues, descending, clipped at
+    # 0; vecs (B, n, k): the eigenvectors of the k largest (k = 0: values only).  bad[t]: matrix t
+    # is not finite or did not converge (its results are meaningless; LAPACK decides).
+    b = g.shape[0]
+    n = g.shape[1]
+    nl = wide
+    ws = np.empty(n * n * nl)
+    ds = np.empty(n * nl)
+    es = np.empty(n * nl)
+    dt = np.empty(n * nl)
+    et = np.empty(n * nl)
+    sc = np.empty(nl)
+    hv = np.empty(nl)
+    fv = np.empty(nl)
+    gv = np.empty(nl)
+    scale = np.ones(nl)
+    failed = np.empty(nl)
+    norm = np.empty(nl)
+    dv = np.empty(n)
+    lam = np.empty(max(k, 1) * nl)
+    z = np.empty(max(k, 1) * n * nl)
+    out = np.empty(max(k, 1) * n * nl)
+    for t0 in range(0, b, nl):
+        nb = min(nl, b - t0)
+        _load_block(g, t0, nb, nl, ws, scale, bad)
+        tred2_lanes(ws, ds, es, n, nl, k > 0, sc, hv, fv, gv)
+        if k > 0:
+            for q in range(n * nl):
+                dt[U(q)] = ds[U(q)]
+                et[U(q)] = es[U(q)]
+            for v in range(nl):
+                norm[U(v)] = 0.0
+            for i in range(n):  # ‖T‖_1 of every lane
+                for v in range(nl):
+                    x = abs(dt[U(i * nl + v)]) + abs(et[U(i * nl + v)])
+                    x += abs(et[U((i + 1) * nl + v)]) if i + 1 < n else 0.0
+                    norm[U(v)] = max(norm[U(v)], x)
+        tqlrat_lanes(ds, es, n, nl, maxit, failed)
+        for v in range(nl):
+            # descending insertion sort of the lane's eigenvalues
+            for i in range(n):
+                x = ds[U(i * nl + v)]
+                q = i
+                while q > 0 and dv[U(q - 1)] < x:
+                    dv[U(q)] = dv[U(q - 1)]
+                    q -= 1
+                dv[U(q)] = x
+            for j in range(k):
+                lam[U(j * nl + v)] = dv[U(j)]
+            if v < nb:
+                t = t0 + v
+                sv = scale[v]
+                for j in range(n):
+                    x = dv[U(j)]
+                    vals[U(t), U(j)] = x / sv if x > 0.0 else 0.0
+                    if not np.isfinite(x):
+                        bad[U(t)] = True
+                if failed[U(v)] != 0.0:
+                    bad[U(t)] = True
+        if k > 0:
+            invit_lanes(dt, et, lam, k, n, nl, norm, steps, z)
+            _back_transform(z, ws, k, n, nl, out)
+            for v in range(nb):
+                for c in range(n):
+                    for j in range(k):
+                        vecs[U(t0 + v), U(c), U(j)] = out[U((j * n + c) * nl + v)]
 
 
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
