@@ -191,6 +191,27 @@ def test_tt_svd_reuses_the_left_basis_of_the_spectra(cifar, kwargs):
         tt_svd(tensors[:5], left_basis=basis, **kwargs)
 
 
+def test_left_basis_with_only_the_kept_vectors(cifar):
+    """``basis_ranks``: the spectra keep only the leading eigenvectors the sweep can use."""
+    tensors = _channels(cifar, 30)  # 90 channels: more than one block of the compiled kernel's 64 lanes
+    bonds = (4, 6, 6, 4)
+    spectra_all, full = spectra_and_left_basis(tensors)
+    spectra, basis = spectra_and_left_basis(tensors, bonds)
+    assert full is not None and basis is not None and basis.vectors.shape == (len(tensors), 16, 6)
+    for s, s_all in zip(spectra, spectra_all, strict=True):
+        np.testing.assert_allclose(s, s_all, rtol=0, atol=1e-12 * s_all.max())
+    # the same subspace as the whole basis, up to the sign of each column
+    overlap = np.abs(np.einsum("bij,bij->bj", basis.vectors, full.vectors[:, :, :6]))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+    reused = tt_svd(tensors, max_bonds=bonds, left_basis=basis)
+    plain = tt_svd(tensors, max_bonds=bonds)
+    np.testing.assert_array_equal(reused.ranks, plain.ranks)
+    np.testing.assert_allclose(contract(reused.cores), contract(plain.cores), atol=1e-9 * np.abs(tensors).max())
+    # a bond 1 that keeps more than the basis holds cannot use it
+    with pytest.raises(ValueError, match="left_basis has shape"):
+        tt_svd(tensors, max_bonds=(4, 8, 6, 4), left_basis=basis)
+
+
 # ---------------------------------------------------------------- stages and ratio
 @pytest.mark.parametrize("case", ["photos", "rank_deficient", "zero", "masked"])
 def test_right_step_columns_are_orthonormal_and_exact(cifar, case):

@@ -230,11 +230,12 @@ def encode_batch(
     entropy = np.full((b, n1), np.nan)
     for i, spec in enumerate(stages):
         target = s if total is None else (flat - total).reshape(s.shape)
-        spectra, basis = spectra_and_left_basis(target) if metrics or spec.ratio is not None else (None, None)
+        caps: np.ndarray | tuple[int, ...] = spec.max_bonds(sites)
+        need_spectra = metrics or spec.ratio is not None
+        spectra, basis = spectra_and_left_basis(target, caps) if need_spectra else (None, None)
         if i == 0 and metrics:
             assert spectra is not None
             entropy = entanglement_entropy(spectra)
-        caps: np.ndarray | tuple[int, ...] = spec.max_bonds(sites)
         if spec.ratio is not None:
             assert spectra is not None
             caps = ranks_for_budget(spectra, sites, spec.ratio * b * math.prod(sites), caps)

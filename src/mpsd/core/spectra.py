@@ -4,6 +4,7 @@ and the Theorem 1 bound, all computed from the singular values of the unfoldings
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,8 @@ class LeftBasis:
         k (0-based, as the bonds of ``tt_svd``): the unfolding ``A[j_1..j_{k+1} ; j_{k+2}..j_n]``.
     values : ndarray of shape (B, m)
         Eigenvalues, largest first (squared singular values of the unfolding).
-    vectors : ndarray of shape (B, m, m)
-        Column j belongs to ``values[:, j]``.
+    vectors : ndarray of shape (B, m, k), k <= m
+        Column j belongs to ``values[:, j]``: the eigenvectors of the k largest eigenvalues.
     """
 
     bond: int
@@ -57,8 +58,17 @@ def unfolding_spectra(tensors: np.ndarray) -> list[np.ndarray]:
     return spectra_and_left_basis(tensors)[0]
 
 
-def spectra_and_left_basis(tensors: np.ndarray) -> tuple[list[np.ndarray], LeftBasis | None]:
+def spectra_and_left_basis(
+    tensors: np.ndarray, basis_ranks: Sequence[int] | None = None
+) -> tuple[list[np.ndarray], LeftBasis | None]:
     """:func:`unfolding_spectra`, and the eigenvectors of ``G_k`` it computed on the way.
+
+    Parameters
+    ----------
+    tensors : ndarray of shape (B, d_1, ..., d_n)
+    basis_ranks : sequence of n−1 int, optional
+        Largest rank the sweep will keep at each bond (its ``max_bonds``): only that many
+        leading eigenvectors of ``G_k`` are computed (all of them by default).
 
     Returns
     -------
@@ -81,7 +91,8 @@ def spectra_and_left_basis(tensors: np.ndarray) -> tuple[list[np.ndarray], LeftB
         k = on_left[-1]
         m = a.reshape(b, left[k], right[k])
         g = _kernels.gram_rows(m)
-        w, v = _kernels.eigh_desc(g, vectors=True)
+        n_vectors = left[k] if basis_ranks is None else min(int(basis_ranks[k]), left[k])
+        w, v = _kernels.eigh_desc(g, vectors=True, k=n_vectors)
         assert v is not None
         basis = LeftBasis(bond=k, values=w, vectors=v)
         out[k] = w

@@ -98,9 +98,9 @@ def check_bonds(bonds: Sequence[int], sites: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(b, e) for b, e in zip(bonds, exact_ranks(sites), strict=True))
 
 
-def _eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of a batch of symmetric matrices, largest first; eigenvalues clipped at 0."""
-    w, v = _kernels.eigh_desc(gram, vectors=True)
+def _eigh_desc(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenvalues (largest first, clipped at 0) and the ``k`` leading eigenvectors, (B, n, k)."""
+    w, v = _kernels.eigh_desc(gram, vectors=True, k=k)
     assert v is not None
     return w, v
 
@@ -238,14 +238,17 @@ def tt_svd(
             m_mat = np.broadcast_to(np.eye(p), (b, p, p))
             unchanged = False
             continue
+        # no tensor keeps more than want.max() columns: only those eigenvectors are computed
+        n_vectors = int(want.max())
         if m <= p and unchanged and left_basis is not None and left_basis.bond == k:
-            if left_basis.vectors.shape != (b, m, m):
-                raise ValueError(f"left_basis has shape {left_basis.vectors.shape}, bond {k} needs {(b, m, m)}")
+            shape = left_basis.vectors.shape
+            if shape[:2] != (b, m) or shape[2] < n_vectors:
+                raise ValueError(f"left_basis has shape {shape}, bond {k} needs {(b, m, n_vectors)} or more columns")
             sq_sv, vecs = left_basis.values, left_basis.vectors
         elif m <= p:
-            sq_sv, vecs = _eigh_desc(_kernels.gram_rows(m_mat))
+            sq_sv, vecs = _eigh_desc(_kernels.gram_rows(m_mat), n_vectors)
         else:
-            sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat)
+            sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat, n_vectors)
         r = want
         if tol is not None:
             r = np.minimum(r, np.maximum(_tol_ranks(sq_sv, delta_sq), 1))
