@@ -372,13 +372,21 @@ def test_fused_decode_equals_contract_then_round(numpy_only, cifar, dtype, stage
 
 
 @needs_numba
-def test_gauge_and_int8_quantisation_kernel_equals_the_numpy_path(numpy_only, cifar):
+@pytest.mark.parametrize("which", ["cifar", "fashion"])
+def test_gauge_and_int8_quantisation_kernel_equals_the_numpy_path(numpy_only, cifar, fashion, which):
     from mpsd.core.codec import _store_cores
 
-    tensors = _tensors(cifar, 24)
+    if which == "cifar":
+        tensors = _tensors(cifar, 24)
+        bonds = (4, 6, 6, 4)
+    else:  # 2,4,7,7,2: cores of 4, 48, 210, 70 and 4 numbers, not all multiples of the kernel's unrolling
+        tensors = choose_layout(28, 28, 1).to_sites(fashion["x_train"][:24, :, :, None]) / 255.0
+        bonds = (2, 6, 5, 2)
     tensors[3] = 0.0  # an all-zero tensor: every peak is 0, scales 0
-    cores = tt_svd(tensors, max_bonds=(4, 6, 6, 4)).cores
+    cores = tt_svd(tensors, max_bonds=bonds).cores
     cores[1][5, 0, 0, 0] = 0.5 * cores[1][5].max()  # half the peak: near a rounding tie (q ≈ 63.5)
+    last = cores[2][7].reshape(-1)  # a view: the peak in a core's last number
+    last[-1] = -3.0 * np.abs(last).max()
     (fq, fs), (rq, rs) = both(numpy_only, lambda: _store_cores([c.copy() for c in cores], "int8"))
     np.testing.assert_array_equal(fs, rs)
     assert fs.dtype == np.float32 and fs.shape == (len(tensors), 5)

@@ -1032,38 +1032,70 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
         _round_into(total, idx, U((t % m_per) * q), max_value, out, t // m_per)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _abs_peak(x, o, m):  # pragma: no cover - compiled
+    # max |x[o : o + m]| (0 for m = 0; NaN entries are skipped).  Four running maxima: a single
+    # one is a serial chain of compares that LLVM does not turn into a vector loop (3.5× slower
+    # on 4,500 numbers).  The maximum does not depend on the order, so the result is exact.
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    j = U(0)
+    while j + U(4) <= m:
+        a0 = abs(x[o + j])
+        a1 = abs(x[o + j + U(1)])
+        a2 = abs(x[o + j + U(2)])
+        a3 = abs(x[o + j + U(3)])
+        p0 = a0 if a0 > p0 else p0
+        p1 = a1 if a1 > p1 else p1
+        p2 = a2 if a2 > p2 else p2
+        p3 = a3 if a3 > p3 else p3
+        j += U(4)
+    while j < m:
+        a0 = abs(x[o + j])
+        p0 = a0 if a0 > p0 else p0
+        j += U(1)
+    p0 = p1 if p1 > p0 else p0
+    p2 = p3 if p3 > p2 else p2
+    return p2 if p2 > p0 else p0
+
+
 @njit(nogil=True, cache=True)
 def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - compiled
     # Per tensor t (row of packed, cores side by side at offsets[k] with sizes[k] entries):
     # balance the gauge (core k /= max|core k|, core k+1 *= it, for k < n-1), then store every
     # core as int8: scale = float32(max|x| / 127), q = clip(rint(x / scale), -127, 127).  Same
     # operations, in the same order, as codec.balance_gauge followed by quantize.quantize
-    # (for finite cores, which is all the TT-SVD of finite images produces).
+    # (for finite cores, which is all the TT-SVD of finite images produces).  Flat rows and a
+    # branch-free rint (|x / scale| <= 127 here) so that the loops are vector loops.
     nb = packed.shape[0]
     n = offsets.shape[0]
+    w = packed.shape[1]
+    pf = packed.reshape(packed.size)
+    qf = q.reshape(q.size)
     for t in range(nb):
+        base = U(t * w)
         for k in range(n - 1):
-            o = offsets[U(k)]
-            peak = 0.0
-            for j in range(sizes[U(k)]):
-                peak = max(peak, abs(packed[U(t), U(o + j)]))
+            o = base + U(offsets[U(k)])
+            m = U(sizes[U(k)])
+            peak = _abs_peak(pf, o, m)
             sk = peak if peak > 0 else 1.0
-            for j in range(sizes[U(k)]):
-                packed[U(t), U(o + j)] /= sk
-            o1 = offsets[U(k + 1)]
-            for j in range(sizes[U(k + 1)]):
-                packed[U(t), U(o1 + j)] *= sk
+            for j in range(m):
+                pf[o + U(j)] = pf[o + U(j)] / sk
+            o1 = base + U(offsets[U(k + 1)])
+            for j in range(U(sizes[U(k + 1)])):
+                pf[o1 + U(j)] = pf[o1 + U(j)] * sk
         for k in range(n):
-            o = offsets[U(k)]
-            peak = 0.0
-            for j in range(sizes[U(k)]):
-                peak = max(peak, abs(packed[U(t), U(o + j)]))
+            o = base + U(offsets[U(k)])
+            m = U(sizes[U(k)])
+            peak = _abs_peak(pf, o, m)
             sc = np.float32(peak / 127.0)
             scales[U(t), U(k)] = sc
             safe = np.float64(sc) if sc > 0 else 1.0
-            for j in range(sizes[U(k)]):
-                x = _rint(packed[U(t), U(o + j)] / safe)
-                q[U(t), U(o + j)] = np.int8(min(max(x, -127.0), 127.0))
+            for j in range(m):
+                x = _rint_small(pf[o + U(j)] / safe)
+                qf[o + U(j)] = np.int8(min(max(x, -127.0), 127.0))
 
 
 @njit(nogil=True, cache=True)
