@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsd.core import _kernels
-from mpsd.core.contract import contract
-from mpsd.core.quantize import dequantize, quantize
+from mpsd.core.contract import contract_stored
+from mpsd.core.quantize import quantize
 from mpsd.core.spectra import (
     entanglement_entropy,
     local_truncation_errors,
@@ -243,7 +243,7 @@ def encode_batch(
         local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
         stored, scales = _store_cores(tt.cores, dtype)
         if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers
-            part = contract([dequantize(q, None if scales is None else scales[:, k]) for k, q in enumerate(stored)])
+            part = contract_stored(stored, scales)
             total = part if total is None else total + part
         encoded.append(
             EncodedStage(
@@ -279,9 +279,7 @@ def decode_stages(
     """
     total = None
     for cores, scales in stages:
-        part = contract(
-            [dequantize(c, None if scales is None else scales[:, k]) for k, c in enumerate(cores)]
-        )
+        part = contract_stored(cores, scales)
         total = part if total is None else total + part
     if total is None:
         raise ValueError("no stages to decode")
