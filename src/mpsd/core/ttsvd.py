@@ -129,16 +129,21 @@ def _orthonormal_columns(x: np.ndarray, sq: np.ndarray, kept: np.ndarray) -> tup
     Returns
     -------
     q : ndarray of shape (B, m, R)
+        Columns not ``kept`` are zero.
     r : ndarray of shape (B, R, R)
     """
     lead = sq[:, :1]
     scale_only = np.all(~kept | (sq >= SCALE_ONLY_RATIO * lead), axis=1) & (lead[:, 0] > 0)
     sig = np.where(kept, np.sqrt(np.maximum(sq, 0.0)), 0.0)
-    q = x / np.where(sig > 0, sig, 1.0)[:, None, :]
+    # one reciprocal per column and a multiplication per entry (a division per entry cost a
+    # third of this step at --tol); columns not kept get 0
+    inv = np.divide(1.0, sig, out=np.zeros_like(sig), where=sig > 0)
+    q = x * inv[:, None, :]
     r = sig[:, :, None] * np.eye(sq.shape[1])
     if not scale_only.all():
         bad = ~scale_only
-        q[bad], r[bad] = _kernels.qr(x[bad])
+        qb, r[bad] = _kernels.qr(x[bad])
+        q[bad] = qb * kept[bad][:, None, :]  # QR completes the zero columns: keep them zero
     return q, r
 
 
@@ -264,14 +269,15 @@ def tt_svd(
         keep = (np.arange(r_max)[None, :] < r[:, None]).astype(np.float64)[:, None, :]  # (B,1,R)
         tail = np.where(np.arange(sq_sv.shape[1])[None, :] >= r[:, None], sq_sv, 0.0).sum(axis=1)
         sweep_error[:, k] = np.sqrt(tail)
+        # columns past a tensor's own rank are zeroed (none are when every tensor keeps r_max)
+        kept_vecs = vecs[:, :, :r_max] if bool((r == r_max).all()) else vecs[:, :, :r_max] * keep
         if m <= p:
-            u = vecs[:, :, :r_max] * keep  # (B, m, R)
+            u = kept_vecs  # (B, m, R)
             cores.append(u.reshape(b, r_prev, d, r_max))
             m_mat = u.transpose(0, 2, 1) @ m_mat  # (B, R, p)
         else:
-            v = vecs[:, :, :r_max] * keep  # (B, p, R)
+            v = kept_vecs  # (B, p, R)
             q, rf = _orthonormal_columns(m_mat @ v, sq_sv[:, :r_max], keep[:, 0, :] > 0)  # (B, m, R), (B, R, R)
-            q = q * keep
             cores.append(q.reshape(b, r_prev, d, r_max))
             m_mat = rf @ v.transpose(0, 2, 1)  # (B, R, p)
         ranks[:, k] = r
