@@ -256,31 +256,45 @@ def _load_block(g, t0, nb, nl, ws, scale, bad):  # pragma: no cover - compiled
     # lanes past the batch get zero matrices.  A matrix far from unit size is scaled by a power
     # of two (exact: it changes no rounding) so that no square in the kernels overflows or
     # underflows (scale[v]); one that is not finite is left to LAPACK (bad) and zeroed here.
+    # The largest |entry| and the finiteness test of every lane are taken after the copy, one
+    # vector loop over the lanes per entry (a running maximum per matrix is a serial chain).
     n = g.shape[1]
     nn = n * n
+    gf = g.reshape(g.size)
+    o = U(t0 * nn)
+    for q in range(nn):
+        for v in range(nb):
+            ws[U(q * nl + v)] = gf[o + U(v * nn + q)]
+        for v in range(nb, nl):
+            ws[U(q * nl + v)] = 0.0
+    peak = np.zeros(nl)
+    poison = np.zeros(nl)  # stays 0 unless an entry is NaN or infinite (x·0 is NaN then)
+    for q in range(nn):
+        for v in range(nl):
+            x = ws[U(q * nl + v)]
+            a = abs(x)
+            peak[U(v)] = a if a > peak[U(v)] else peak[U(v)]
+            poison[U(v)] += x * 0.0
+    rescale = False
+    for v in range(nl):
+        scale[U(v)] = 1.0
     for v in range(nb):
-        scale[v] = 1.0
-        peak = 0.0
-        for i in range(n):
-            for j in range(n):
-                peak = max(peak, abs(g[U(t0 + v), U(i), U(j)]))
-        if not np.isfinite(peak):
+        pv = peak[U(v)]
+        if poison[U(v)] != 0.0:  # NaN: some entry is not finite
             bad[U(t0 + v)] = True
-        elif peak > 2.0**300 or (0.0 < peak < 2.0**-300):
-            scale[v] = 2.0 ** -round(math.log2(peak))
-    for v in range(nb, nl):
-        scale[v] = 1.0
-    for i in range(n):
-        for j in range(n):
-            o = (i * n + j) * nl
-            for v in range(nb):
-                ws[U(o + v)] = g[U(t0 + v), U(i), U(j)] * scale[v]
-            for v in range(nb, nl):
-                ws[U(o + v)] = 0.0
-    for v in range(nb):
-        if bad[U(t0 + v)]:
-            for q in range(nn):
-                ws[U(q * nl + v)] = 0.0
+            rescale = True
+        elif pv > 2.0**300 or (0.0 < pv < 2.0**-300):
+            scale[U(v)] = 2.0 ** -round(math.log2(pv))
+            rescale = True
+    if rescale:
+        for v in range(nb):
+            if bad[U(t0 + v)]:
+                for q in range(nn):
+                    ws[U(q * nl + v)] = 0.0
+            elif scale[U(v)] != 1.0:
+                sv = scale[U(v)]
+                for q in range(nn):
+                    ws[U(q * nl + v)] = ws[U(q * nl + v)] * sv
 
 
 @njit(nogil=True, cache=True)
