@@ -156,9 +156,15 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True, k: int | None = None) -> t
     -------
     values : ndarray of shape (B, n), float64, descending
     vectors : ndarray of shape (B, n, k) (column j belongs to value j) or None
+        Each column's sign is chosen so that its entries sum to >= 0 (see Notes).
 
     Notes
     -----
+    Eigenvectors are only defined up to sign, and the two compiled kernels and LAPACK choose
+    differently.  The fixed sign makes every path give the same vectors (up to rounding, unless a
+    column sums to about 0) and makes the cores of similar images alike: with the signs inverse
+    iteration happens to give, CIFAR-10 stores at ``--bond 4,6,6,4`` took 1.1 % more bytes.
+
     Compiled paths: for the values alone, and for ``k <= n // 2`` vectors of matrices up to
     :data:`TOP_MAX_ORDER`, ``eigh_top_batch`` (rational QL and inverse iteration, 64 matrices in
     the vector lanes); otherwise ``eigh_batch`` (QL with rotations).  The two round differently,
@@ -171,7 +177,8 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True, k: int | None = None) -> t
     if vectors and not 0 <= kk <= n:
         raise ValueError(f"k must be between 0 and {n}, got {k}")
     if not use_numba() or g.ndim != 3 or g.shape[0] == 0 or g.shape[1] == 0:
-        return eigh_desc_numpy(g, vectors, kk)
+        w, v = eigh_desc_numpy(g, vectors, kk)
+        return w, (None if v is None else _fix_signs(v))
     b = g.shape[0]
     vals = np.empty((b, n))
     bad = np.zeros(b, dtype=np.bool_)
@@ -189,7 +196,13 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True, k: int | None = None) -> t
         vals[bad] = w2
         if vectors:
             vecs[bad] = v2
-    return vals, (vecs if vectors else None)
+    return vals, (_fix_signs(vecs) if vectors else None)
+
+
+def _fix_signs(vecs: np.ndarray) -> np.ndarray:
+    """Flip columns of ``vecs`` ((..., n, k)) whose entries sum to < 0, in place; returns it."""
+    vecs *= np.where(vecs.sum(axis=-2, keepdims=True) < 0, -1.0, 1.0)
+    return vecs
 
 
 def gram_rows(m: np.ndarray) -> np.ndarray:
