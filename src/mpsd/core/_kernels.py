@@ -195,12 +195,16 @@ def eigh_desc(gram: np.ndarray, vectors: bool = True, k: int | None = None) -> t
         w2, v2 = eigh_desc_numpy(g[bad], vectors, kk)
         vals[bad] = w2
         if vectors:
-            vecs[bad] = v2
-    return vals, (_fix_signs(vecs) if vectors else None)
+            assert v2 is not None
+            vecs[bad] = _fix_signs(v2)
+    return vals, (vecs if vectors else None)
 
 
 def _fix_signs(vecs: np.ndarray) -> np.ndarray:
-    """Flip columns of ``vecs`` ((..., n, k)) whose entries sum to < 0, in place; returns it."""
+    """Flip columns of ``vecs`` ((..., n, k)) whose entries sum to < 0, in place; returns it.
+
+    For LAPACK's vectors; the compiled kernels flip theirs as they write them out.
+    """
     vecs *= np.where(vecs.sum(axis=-2, keepdims=True) < 0, -1.0, 1.0)
     return vecs
 

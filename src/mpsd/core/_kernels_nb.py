@@ -359,8 +359,12 @@ def eigh_batch(g, vec, maxit, vals, vecs, bad):  # pragma: no cover - compiled
                 if vec:
                     for j in range(n):
                         oj = v * nn + order[U(j)] * n
+                        total = 0.0
                         for i in range(n):
-                            vecs[U(t), U(i), U(j)] = w[U(oj + i)]
+                            total += w[U(oj + i)]
+                        sign = -1.0 if total < 0.0 else 1.0  # the sign eigh_desc promises
+                        for i in range(n):
+                            vecs[U(t), U(i), U(j)] = w[U(oj + i)] * sign
 
 
 # ---------------------------------------------------------------------- top-k eigenpairs
@@ -661,6 +665,7 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
     lam = np.empty(max(k, 1) * nl)
     z = np.empty(max(k, 1) * n * nl)
     out = np.empty(max(k, 1) * n * nl)
+    sign = np.empty(nl)
     for t0 in range(0, b, nl):
         nb = min(nl, b - t0)
         _load_block(g, t0, nb, nl, ws, scale, bad)
@@ -701,6 +706,17 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
         if k > 0:
             invit_lanes(dt, et, lam, k, n, nl, norm, steps, z)
             _back_transform(z, ws, k, n, nl, out)
+            for j in range(k):  # the sign eigh_desc promises: entries sum to >= 0
+                for v in range(nl):
+                    sign[U(v)] = 0.0
+                for c in range(n):
+                    for v in range(nl):
+                        sign[U(v)] += out[U((j * n + c) * nl + v)]
+                for v in range(nl):
+                    sign[U(v)] = -1.0 if sign[U(v)] < 0.0 else 1.0
+                for c in range(n):
+                    for v in range(nl):
+                        out[U((j * n + c) * nl + v)] *= sign[U(v)]
             for v in range(nb):
                 for c in range(n):
                     for j in range(k):
