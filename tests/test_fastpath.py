@@ -115,7 +115,7 @@ def test_eigh_leading_vectors_match_lapack(numpy_only, case):
         np.testing.assert_allclose(v.transpose(0, 2, 1) @ v, np.broadcast_to(np.eye(k), (b, k, k)), atol=1e-12)
         # G v_j = λ_j v_j: holds inside clusters of equal eigenvalues too, where any basis will do
         residual = np.linalg.norm((g @ v - v * w[:, None, :k]) / scale[:, None, None], axis=(1, 2))
-        assert np.all(residual <= 1e-12), residual
+        assert np.all(residual <= 1e-13), residual  # one step of inverse iteration too few: 7.6e-13
         # where the k-th and (k+1)-th eigenvalues differ, the same invariant subspace as LAPACK's
         if k < n:
             gap = (w0[:, k - 1] - w0[:, k]) / scale > 1e-6

@@ -52,9 +52,13 @@ WIDE_LANES = 64
 CONTRACT_MAX_RANK = 16
 #: QL iterations allowed per eigenvalue before a matrix is handed to LAPACK instead.
 MAX_QL_ITERATIONS = 30
-#: Steps of inverse iteration per eigenvector (LAPACK's dstein stops two steps after it
-#: converges, which from an eigenvalue computed to working precision is after the first).
-INVERSE_ITERATION_STEPS = 3
+#: Steps of inverse iteration per eigenvector.  From an eigenvalue computed to working
+#: precision the first step converges and the second is LAPACK dstein's confirming step; a
+#: third changed nothing measurable (worst relative residual ‖Gv − λv‖ and orthogonality on the
+#: test suite's hard cases and on 9,000 CIFAR-10 Gram matrices: 1.6e-15 and 2.1e-15 with two or
+#: three steps; one step leaves 7.6e-13 on repeated eigenvalues).  Two steps: 3.2 -> 2.8 µs per
+#: 16×16 matrix with six vectors.
+INVERSE_ITERATION_STEPS = 2
 #: Largest order for ``eigh_top_batch``; larger matrices go to the one-at-a-time QL kernels.
 TOP_MAX_ORDER = 32
 
