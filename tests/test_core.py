@@ -191,6 +191,32 @@ def test_tt_svd_reuses_the_left_basis_of_the_spectra(cifar, kwargs):
         tt_svd(tensors[:5], left_basis=basis, **kwargs)
 
 
+def test_left_basis_is_used_for_the_tensors_no_earlier_bond_rotated(cifar):
+    """Under ``tol`` a tensor that keeps its whole left space at bond 0 keeps the identity there,
+    so the spectra's basis of bond 1 still fits it; the tensors bond 0 truncated get their own."""
+    tensors = _channels(cifar, 20)
+    tensors[::2] = tensors[::2, :1]  # even tensors: one slice repeated along site 1, rank 1 at bond 0
+    basis = spectra_and_left_basis(tensors)[1]
+    plain = tt_svd(tensors, tol=0.05)
+    assert (plain.ranks[::2, 0] == 1).all() and (plain.ranks[1::2, 0] == 4).all()
+    reused = tt_svd(tensors, tol=0.05, left_basis=basis)
+    np.testing.assert_array_equal(reused.ranks, plain.ranks)
+    scale = np.abs(tensors).max()
+    np.testing.assert_allclose(contract(reused.cores), contract(plain.cores), atol=1e-12 * scale)
+    # bond 0 of the odd tensors is the identity: nothing rotated, nothing discarded
+    np.testing.assert_array_equal(reused.cores[0][1::2, 0], np.broadcast_to(np.eye(4), (len(tensors) // 2, 4, 4)))
+    assert (reused.sweep_error[1::2, 0] == 0).all()
+    # the basis is read for the odd tensors only: a foreign one changes their result alone
+    foreign = spectra_and_left_basis(tensors[::-1].copy())[1]
+    swapped = contract(tt_svd(tensors, tol=0.05, left_basis=foreign).cores)
+    np.testing.assert_allclose(swapped[::2], contract(plain.cores)[::2], atol=1e-12 * scale)
+    assert not np.allclose(swapped[1::2], contract(plain.cores)[1::2], atol=1e-6)
+    # and the decomposition is still within the tolerance of every tensor
+    flat = tensors.reshape(len(tensors), -1)
+    err = np.linalg.norm(contract(reused.cores) - flat, axis=1)
+    assert (err <= 0.05 * np.linalg.norm(flat, axis=1) * (1 + 1e-9)).all()
+
+
 def test_left_basis_with_only_the_kept_vectors(cifar):
     """``basis_ranks``: the spectra keep only the leading eigenvectors the sweep can use."""
     tensors = _channels(cifar, 30)  # 90 channels: more than one block of the compiled kernel's 64 lanes

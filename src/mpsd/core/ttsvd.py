@@ -220,7 +220,8 @@ def tt_svd(
     sweep_error = np.zeros((b, n - 1))
     rows = np.ones(b, dtype=np.int64)  # r_{k-1} per tensor
     m_mat = a.reshape(b, 1, -1)  # (B, R_{k-1}, rest)
-    unchanged = True  # m_mat is still an unfolding of ``a`` itself (only identity cores so far)
+    # per tensor: m_mat[t] is still an unfolding of a[t] itself (only identity cores so far)
+    unchanged = np.ones(b, dtype=bool)
     for k in range(n - 1):
         r_prev = m_mat.shape[1]
         d = sites[k]
@@ -241,15 +242,20 @@ def tt_svd(
             ranks[:, k] = p
             rows = np.full(b, p, dtype=np.int64)
             m_mat = np.broadcast_to(np.eye(p), (b, p, p))
-            unchanged = False
+            unchanged[:] = False
             continue
         # no tensor keeps more than want.max() columns: only those eigenvectors are computed
         n_vectors = int(want.max())
-        if m <= p and unchanged and left_basis is not None and left_basis.bond == k:
+        if m <= p and unchanged.any() and left_basis is not None and left_basis.bond == k:
             shape = left_basis.vectors.shape
             if shape[:2] != (b, m) or shape[2] < n_vectors:
                 raise ValueError(f"left_basis has shape {shape}, bond {k} needs {(b, m, n_vectors)} or more columns")
             sq_sv, vecs = left_basis.values, left_basis.vectors
+            if not unchanged.all():  # the tensors an earlier bond rotated need their own
+                changed = ~unchanged
+                sq_c, vecs_c = _eigh_desc(_kernels.gram_rows(m_mat[changed]), n_vectors)
+                sq_sv, vecs = sq_sv.copy(), vecs[:, :, :n_vectors].copy()
+                sq_sv[changed], vecs[changed] = sq_c, vecs_c
         elif m <= p:
             sq_sv, vecs = _eigh_desc(_kernels.gram_rows(m_mat), n_vectors)
         else:
@@ -258,9 +264,10 @@ def tt_svd(
         if tol is not None:
             r = np.minimum(r, np.maximum(_tol_ranks(sq_sv, delta_sq), 1))
         r = np.maximum(r, 1)
-        if m <= p and np.all(r == m) and np.all(rows * d == m):
-            # every tensor keeps the whole left space: the identity is an exact basis of it
-            # (no rotation, nothing discarded), and the matrix stays an unfolding of ``a``
+        # a tensor that keeps the whole left space needs no rotation: the identity is an exact
+        # basis of it (nothing discarded), and its matrix stays an unfolding of ``a``
+        whole = (r == m) & (rows * d == m) if m <= p else np.zeros(b, dtype=bool)
+        if whole.all():
             cores.append(np.broadcast_to(np.eye(m).reshape(1, r_prev, d, m), (b, r_prev, d, m)).copy())
             ranks[:, k] = m
             rows = r
@@ -273,15 +280,19 @@ def tt_svd(
         kept_vecs = vecs[:, :, :r_max] if bool((r == r_max).all()) else vecs[:, :, :r_max] * keep
         if m <= p:
             u = kept_vecs  # (B, m, R)
+            if whole.any():  # then R = m
+                u = u.copy()
+                u[whole] = np.eye(m)
             cores.append(u.reshape(b, r_prev, d, r_max))
-            m_mat = u.transpose(0, 2, 1) @ m_mat  # (B, R, p)
+            m_mat = u.transpose(0, 2, 1) @ m_mat  # (B, R, p); the identity leaves a tensor's as it was
+            unchanged &= whole
         else:
             v = kept_vecs  # (B, p, R)
             q, rf = _orthonormal_columns(m_mat @ v, sq_sv[:, :r_max], keep[:, 0, :] > 0)  # (B, m, R), (B, R, R)
             cores.append(q.reshape(b, r_prev, d, r_max))
             m_mat = rf @ v.transpose(0, 2, 1)  # (B, R, p)
+            unchanged[:] = False
         ranks[:, k] = r
         rows = r
-        unchanged = False
     cores.append(np.ascontiguousarray(m_mat).reshape(b, m_mat.shape[1], sites[-1], 1))
     return TensorTrain(cores=cores, ranks=ranks, sweep_error=sweep_error)
