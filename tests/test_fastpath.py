@@ -377,6 +377,17 @@ def test_folding_kernels_equal_the_layout(numpy_only, order, colour, shape, dtyp
     assert fast.dtype == images.dtype
 
 
+@needs_numba
+def test_folding_signed_images_divides_instead_of_a_table(numpy_only):
+    """uint8/uint16 pixels go through a table of v / max; other integers divide, same numbers."""
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 1000, (4, 28, 28, 1)).astype(np.int16)
+    layout = choose_layout(28, 28, 1)
+    fast, ref = both(numpy_only, lambda: _kernels.fold_scaled(images, layout, 1000))
+    np.testing.assert_array_equal(fast, ref)
+    np.testing.assert_array_equal(fast, layout.to_sites(images) / 1000)
+
+
 # ---------------------------------------------------------------- decoding whole images
 @needs_numba
 @pytest.mark.parametrize("dtype", ["int8", "float16", "float32"])

@@ -104,6 +104,7 @@ def _kernels() -> dict[str, Any]:
                     for dt in (np.uint8, np.uint16):
                         im = np.zeros((1, 2), dtype=dt)
                         nb.gather_scale(im, ix, 255.0, np.empty((1, 2)))
+                        nb.gather_table(im, ix, _scale_table(255, 255), np.empty((1, 2)))  # read-only, as used
                         nb.squared_error(np.zeros((1, 2)), im, ix, 255.0, np.empty(1))
                         nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
                         nb.decode_round(np.ones((1, 2)), np.array([[0, 1]]), np.array([1, 1]),
@@ -120,6 +121,7 @@ def _kernels() -> dict[str, Any]:
                     "eigh_batch": nb.eigh_batch, "eigh_top_batch": nb.eigh_top_batch,
                     "qr": nb.qr_batch, "gram_rows": nb.gram_rows,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
+                    "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
@@ -537,8 +539,21 @@ def fold_scaled(images: np.ndarray, layout: Any, max_value: int) -> np.ndarray:
     idx = site_index(layout)
     out = np.empty((n * layout.mps_per_image, *layout.sites))
     src = np.ascontiguousarray(images).reshape(n, -1)
-    _kernels()["gather_scale"](src, idx, float(max_value), out.reshape(n, -1))
+    if images.dtype.kind == "u" and images.dtype.itemsize <= 2:  # every pixel value in a table
+        top = int(np.iinfo(images.dtype).max)
+        _kernels()["gather_table"](src, idx, _scale_table(top, max_value), out.reshape(n, -1))
+    else:
+        _kernels()["gather_scale"](src, idx, float(max_value), out.reshape(n, -1))
     return out
+
+
+@functools.cache
+def _scale_table(top: int, max_value: int) -> np.ndarray:
+    """``arange(top + 1) / max_value``: every uint8/uint16 pixel value in normalised units, by
+    the same division ``layout.to_sites(images) / max_value`` does (read-only, shared)."""
+    table = np.arange(top + 1) / max_value
+    table.flags.writeable = False
+    return table
 
 
 def pixel_squared_error(recon: np.ndarray, images: np.ndarray, layout: Any, max_value: int) -> np.ndarray:

@@ -871,6 +871,19 @@ def gather_scale(images, idx, max_value, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def gather_table(images, idx, table, out):  # pragma: no cover - compiled
+    # out[i, j] = table[images[i, idx[j]]] (0 where idx[j] < 0); images (N, S) unsigned integer,
+    # table (max pixel + 1,) float64 = arange / max_value (numpy's divisions, so the result is
+    # bit for bit gather_scale's), out (N, M·P) float64: a gather, no division at all.
+    n = images.shape[0]
+    q = idx.shape[0]
+    for i in range(n):
+        for j in range(q):
+            s = idx[U(j)]
+            out[U(i), U(j)] = table[U(images[U(i), U(s)])] if s >= 0 else 0.0
+
+
+@njit(nogil=True, cache=True)
 def squared_error(recon, images, idx, max_value, out):  # pragma: no cover - compiled
     # out[i] = Σ_j (clip(rint(recon[i, j]·max), 0, max) − images[i, idx[j]])² over idx[j] >= 0.
     # Three passes per image: round (a vector loop), gather the differences, sum the squares.
