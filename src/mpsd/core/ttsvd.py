@@ -177,7 +177,9 @@ def tt_svd(
     left_basis : LeftBasis, optional
         The eigendecomposition of one left unfolding of these very ``tensors``, from
         :func:`mpsd.core.spectra.spectra_and_left_basis`; the sweep uses it instead of decomposing
-        the same Gram matrix again when it reaches that bond with the tensors still unchanged.
+        the same Gram matrix again for every tensor that no earlier bond rotated (a tensor that
+        keeps its whole left space at a bond keeps the identity there and stays unchanged).  It
+        must hold at least as many vectors as the bond can keep.
 
     Returns
     -------
