@@ -687,6 +687,7 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
     out = np.empty(max(k, 1) * n * nl)
     sign = np.empty(nl)
     hinv = np.empty(n * nl)
+    acc = np.empty(nl)  # scratch of _apply_reflectors
     for t0 in range(0, b, nl):
         nb = min(nl, b - t0)
         _load_block(g, t0, nb, nl, ws, scale, bad)
@@ -726,7 +727,7 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
                     bad[U(t)] = True
         if k > 0:
             invit_lanes(dt, et, lam, k, n, nl, norm, steps, z)
-            _apply_reflectors(z, ws, k, n, nl, hinv, sign, out)
+            _apply_reflectors(z, ws, k, n, nl, hinv, acc, out)
             for j in range(k):  # the sign eigh_desc promises: entries sum to >= 0
                 for v in range(nl):
                     sign[U(v)] = 0.0
