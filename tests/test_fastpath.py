@@ -15,7 +15,7 @@ from mpsd.core.codec import StageSpec, encode_batch
 from mpsd.core.contract import contract
 from mpsd.core.layout import choose_layout
 from mpsd.core.spectra import unfolding_spectra
-from mpsd.core.ttsvd import tt_svd
+from mpsd.core.ttsvd import SCALE_ONLY_RATIO, exact_ranks, tt_svd
 from reference import contract_reference, tt_svd_reference
 
 needs_numba = pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba is not installed")
@@ -303,6 +303,108 @@ def test_tt_svd_fast_path_equals_reference_path(numpy_only, cifar, kwargs):
         # ranks of the padded batch agree, and U_f U_fᵀ = U_r U_rᵀ only holds in the same left
         # basis, which every core shares once the earlier bonds are gauge-fixed: compare norms
         np.testing.assert_allclose(np.linalg.norm(uf, axis=1), np.linalg.norm(ur, axis=1), atol=1e-9)
+
+
+def _sweep_cases(cifar, fashion):
+    """Tensors that take the compiled sweep's rarer branches, with the arguments to use."""
+    rng = np.random.default_rng(11)
+    photos = _tensors(cifar, 130)  # two full blocks of 64 tensors and a partial one
+    flat = photos[:70].copy()
+    flat[:10] = 0.25  # rank 1: kept σ_j of zero, so the right-side step needs Gram-Schmidt
+    flat[10:20] = photos[10:20, :, :1]  # rank 1 at bond 0 (repeated along site 1)
+    flat[20:30] = np.einsum("ba,bc->bac", rng.random((10, 16)), rng.random((10, 64))).reshape(10, 4, 4, 4, 4, 4)
+    flat[30] = 0.0
+    flat[31] *= 1e-100  # Gram matrices scaled into range by a power of two in the eigensolver
+    flat[32] *= 1e100
+    grey = choose_layout(28, 28, 1).to_sites(fashion["x_train"][:80].reshape(80, 28, 28, 1)) / 255.0
+    per_tensor = rng.integers(1, [5, 17, 17, 5], size=(len(photos), 4))
+    return {
+        "photos-bond": (photos, {"max_bonds": (4, 6, 6, 4)}),
+        "photos-tol": (photos, {"tol": 0.05}),
+        "photos-tol-small": (photos, {"tol": 0.003}),
+        "photos-per-tensor-caps": (photos, {"max_bonds": per_tensor}),
+        "special-bond": (flat, {"max_bonds": (4, 6, 6, 4)}),
+        "special-tol": (flat, {"tol": 0.02, "max_bonds": (4, 9, 9, 4)}),
+        "fashion-bond": (grey, {"max_bonds": (2, 6, 6, 2)}),
+        "fashion-tol": (grey, {"tol": 0.05}),
+    }
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "case",
+    ["photos-bond", "photos-tol", "photos-tol-small", "photos-per-tensor-caps", "special-bond", "special-tol", "fashion-bond", "fashion-tol"],
+)
+def test_compiled_sweep_equals_the_numpy_sweep(cifar, fashion, case):
+    """The compiled sweep (one call, decisions per block of 64 tensors) against tt_svd's numpy
+    loop (decisions per batch) on the same tensors: the same ranks, errors and reconstruction,
+    and left-orthonormal cores (the gauge may differ)."""
+    tensors, kwargs = _sweep_cases(cifar, fashion)[case]
+    sites = tensors.shape[1:]
+    caps = np.minimum(np.max(np.atleast_2d(kwargs.get("max_bonds", exact_ranks(sites))), axis=0), exact_ranks(sites))
+    assert _kernels.sweep_fits(sites, caps)  # the case does test the compiled sweep
+    fast = tt_svd(tensors, **kwargs)
+    ref = tt_svd(tensors, **kwargs, compiled=False)
+    np.testing.assert_array_equal(fast.ranks, ref.ranks)
+    norms = np.sqrt(np.einsum("bi,bi->b", tensors.reshape(len(tensors), -1), tensors.reshape(len(tensors), -1)))
+    scale = np.maximum(norms, 1e-300)[:, None]
+    # a discarded σ² of rounding size (1e-16) is a σ of 1e-8
+    np.testing.assert_allclose(fast.sweep_error / scale, ref.sweep_error / scale, rtol=0, atol=1e-7)
+    rec_fast = contract(fast.cores).reshape(len(tensors), -1)
+    rec_ref = contract(ref.cores).reshape(len(tensors), -1)
+    np.testing.assert_allclose(rec_fast / scale, rec_ref / scale, rtol=0, atol=1e-9)
+    # the error the sweep reports is the error of its cores (they are orthonormal where used)
+    actual = np.linalg.norm(rec_fast - tensors.reshape(len(tensors), -1), axis=1)
+    reported = np.sqrt((fast.sweep_error**2).sum(axis=1))
+    np.testing.assert_allclose(actual / scale[:, 0], reported / scale[:, 0], rtol=0, atol=1e-7)
+    # left-orthonormal cores (on the columns in use) wherever the numpy sweep's are; a bond
+    # with nothing to truncate on the right side keeps the whole matrix in both
+    for core_f, core_r in zip(fast.cores[:-1], ref.cores[:-1], strict=True):
+        np.testing.assert_array_equal(_left_orthonormal(core_f), _left_orthonormal(core_r))
+
+
+def _left_orthonormal(core):
+    """Per tensor: are the columns in use of the (r0·d, r1) matrix orthonormal (zero columns
+    are not in use)."""
+    b, r0, d, r1 = core.shape
+    u = core.reshape(b, r0 * d, r1)
+    gram = u.transpose(0, 2, 1) @ u
+    used = np.abs(gram).sum(axis=1) > 0.5
+    return np.array([np.allclose(g[np.ix_(c, c)], np.eye(c.sum()), atol=1e-9) for g, c in zip(gram, used, strict=True)])
+
+
+@needs_numba
+def test_compiled_sweep_agrees_with_tt_svd_on_its_thresholds():
+    from mpsd.core import _kernels_nb
+
+    assert _kernels_nb.scale_only_ratio == SCALE_ONLY_RATIO
+    assert _kernels.sweep_fits((4, 4, 4, 4, 4), (4, 16, 16, 4))
+    assert _kernels.sweep_fits((2, 4, 7, 7, 2), (2, 8, 14, 2))
+    assert not _kernels.sweep_fits((4, 4, 4, 4, 4, 4), (4, 16, 64, 16, 4))  # a 64×64 Gram matrix
+
+
+@needs_numba
+def test_compiled_sweep_hands_what_it_cannot_decompose_to_the_numpy_path(cifar, monkeypatch):
+    """Tensors the compiled kernel flags (here: made to look unconverged) are redone on the numpy
+    path and merged into the batch's cores, padded to the batch's ranks."""
+    tensors = _tensors(cifar, 70)
+    ref = tt_svd(tensors, tol=0.05, compiled=False)
+    real = _kernels.tt_sweep
+
+    def flag_some(flat, sites, caps, delta_sq, basis):
+        cores, ranks, err, bad = real(flat, sites, caps, delta_sq, basis)
+        for c in cores:
+            c[::3] = np.nan  # what a failed tensor's outputs may hold
+        ranks[::3] = 0
+        bad[::3] = True
+        return cores, ranks, err, bad
+
+    monkeypatch.setattr(_kernels, "tt_sweep", flag_some)
+    fast = tt_svd(tensors, tol=0.05)
+    np.testing.assert_array_equal(fast.ranks, ref.ranks)
+    rec = contract(fast.cores).reshape(len(tensors), -1)
+    np.testing.assert_allclose(rec, contract(ref.cores).reshape(len(tensors), -1), atol=1e-9)
+    assert [c.shape for c in fast.cores] == [c.shape for c in ref.cores]
 
 
 @needs_numba

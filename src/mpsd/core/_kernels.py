@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,10 @@ def _kernels() -> dict[str, Any]:
                     a = np.ones((1, 2, 2))
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
                     nb.gram_rows(a, np.empty((1, 2, 2)))
+                    nb.tt_sweep(np.ones((1, 4)), np.array([2, 2]), np.array([[2]]), np.zeros(1), False, -1,
+                                np.zeros((1, 1)), np.zeros((1, 1, 1)), MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS,
+                                np.array([1, 2, 1]), np.array([0, 4]), np.zeros((1, 8)),
+                                np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1)), np.zeros(1, dtype=np.bool_))
                     nb.norms_and_distances(np.ones((1, 2)), np.ones((1, 2)), np.empty(1), np.empty(1))
                     nb.gauge_quantize(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
                                       np.empty((1, 2), dtype=np.int8), np.empty((1, 2), dtype=np.float32))
@@ -119,7 +125,7 @@ def _kernels() -> dict[str, Any]:
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch, "eigh_top_batch": nb.eigh_top_batch,
-                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows,
+                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "tt_sweep": nb.tt_sweep,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
@@ -238,6 +244,87 @@ def gram_rows(m: np.ndarray) -> np.ndarray:
     out = np.empty((b, r, r))
     _kernels()["gram_rows"](np.ascontiguousarray(m, dtype=np.float64), out)
     return out
+
+
+def sweep_fits(sites: Sequence[int], storage_ranks: Sequence[int]) -> bool:
+    """Whether :func:`tt_sweep` takes tensors with these sites and largest bond dimensions.
+
+    Every Gram matrix of the sweep must be of order 2 to :data:`TOP_MAX_ORDER`: the compiled
+    eigensolver's range.  Larger ones (images from about 64×64 up) stay on the numpy path.
+    """
+    if not use_numba() or len(sites) < 2:
+        return False
+    full = [1, *storage_ranks]
+    right = math.prod(sites)
+    for k in range(len(sites) - 1):
+        right //= sites[k]
+        order = min(full[k] * sites[k], right)
+        if not 2 <= order <= TOP_MAX_ORDER:
+            return False
+    return True
+
+
+def tt_sweep(
+    flat: np.ndarray,
+    sites: Sequence[int],
+    caps: np.ndarray,
+    delta_sq: np.ndarray | None,
+    basis: tuple[int, np.ndarray, np.ndarray] | None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """The TT-SVD sweep of :func:`mpsd.core.ttsvd.tt_svd` in one compiled call (see there).
+
+    Parameters
+    ----------
+    flat : ndarray of shape (B, prod d)
+        The tensors, flattened.
+    sites : sequence of n int
+    caps : ndarray of shape (B, n−1)
+        Largest rank of every bond and tensor, at most the exact rank; :func:`sweep_fits` must
+        hold for ``caps.max(axis=0)``.
+    delta_sq : ndarray of shape (B,), optional
+        δ² of every tensor for a ``tol`` truncation (None: ranks from ``caps`` alone).
+    basis : (bond, values (B, m), vectors (B, m, k)), optional
+        A left basis (:class:`mpsd.core.spectra.LeftBasis`) with k at least ``caps[:, bond].max()``.
+
+    Returns
+    -------
+    cores : list of n ndarray
+        Core k of shape (B, R_{k−1}, d_k, R_k), R_k the largest rank of bond k in the batch.
+    ranks, sweep_error : ndarray of shape (B, n−1)
+    bad : ndarray of shape (B,), bool
+        Tensors whose Gram matrices were not finite or whose eigenvalues did not converge: their
+        entries in the other outputs are meaningless.
+    """
+    b = flat.shape[0]
+    n = len(sites)
+    store = [1, *(int(x) for x in caps.max(axis=0)), 1] if b else [1] * (n + 1)
+    sizes = [store[k] * sites[k] * store[k + 1] for k in range(n)]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    packed = np.empty((b, sum(sizes)))
+    ranks = np.zeros((b, n - 1), dtype=np.int64)
+    err = np.zeros((b, n - 1))
+    bad = np.zeros(b, dtype=np.bool_)
+    if basis is None:
+        bond, values, vectors = -1, np.zeros((1, 1)), np.zeros((1, 1, 1))
+    else:
+        bond, values, vectors = basis
+    _kernels()["tt_sweep"](
+        np.ascontiguousarray(flat, dtype=np.float64), np.asarray(sites, dtype=np.int64),
+        np.ascontiguousarray(caps, dtype=np.int64),
+        np.zeros(b) if delta_sq is None else np.ascontiguousarray(delta_sq, dtype=np.float64),
+        delta_sq is not None, bond, np.ascontiguousarray(values, dtype=np.float64),
+        np.ascontiguousarray(vectors, dtype=np.float64), MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS,
+        np.asarray(store, dtype=np.int64), offsets, packed, ranks, err, bad,
+    )
+    used = [1, *(int(x) for x in ranks.max(axis=0)), 1] if b else store
+    cores = []
+    for k in range(n):
+        full = packed[:, offsets[k] : offsets[k] + sizes[k]].reshape(b, store[k], sites[k], store[k + 1])
+        if n > 1 and used[k] == store[k] and used[k + 1] == store[k + 1]:
+            cores.append(full)  # the storage shape is the batch's: no copy (a view of packed)
+        else:
+            cores.append(np.ascontiguousarray(full[:, : used[k], :, : used[k + 1]]))
+    return cores, ranks, err, bad
 
 
 def norms_and_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -253,11 +253,7 @@ def tql2_lanes(w, d, e, n, vec, maxit, st):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True)
 def _load_block(g, t0, nb, nl, ws, scale, bad):  # pragma: no cover - compiled
     # Matrices g[t0 : t0 + nb] into the lanes of ws (element (i, j) of lane v at (i*n + j)*nl + v);
-    # lanes past the batch get zero matrices.  A matrix far from unit size is scaled by a power
-    # of two (exact: it changes no rounding) so that no square in the kernels overflows or
-    # underflows (scale[v]); one that is not finite is left to LAPACK (bad) and zeroed here.
-    # The largest |entry| and the finiteness test of every lane are taken after the copy, one
-    # vector loop over the lanes per entry (a running maximum per matrix is a serial chain).
+    # lanes past the batch get zero matrices; then _scale_block.
     n = g.shape[1]
     nn = n * n
     gf = g.reshape(g.size)
@@ -267,6 +263,16 @@ def _load_block(g, t0, nb, nl, ws, scale, bad):  # pragma: no cover - compiled
             ws[U(q * nl + v)] = gf[o + U(v * nn + q)]
         for v in range(nb, nl):
             ws[U(q * nl + v)] = 0.0
+    _scale_block(ws, nn, nl, nb, t0, scale, bad)
+
+
+@njit(nogil=True, cache=True)
+def _scale_block(ws, nn, nl, nb, t0, scale, bad):  # pragma: no cover - compiled
+    # A matrix of ws (nn entries per lane) far from unit size is scaled by a power of two (exact:
+    # it changes no rounding) so that no square in the kernels overflows or underflows
+    # (scale[v]); one that is not finite is left to LAPACK (bad[t0 + v]) and zeroed here.
+    # The largest |entry| and the finiteness test of every lane are taken in one vector loop
+    # over the lanes per entry (a running maximum per matrix is a serial chain).
     peak = np.zeros(nl)
     poison = np.zeros(nl)  # stays 0 unless an entry is NaN or infinite (x·0 is NaN then)
     for q in range(nn):
@@ -662,6 +668,57 @@ def _apply_reflectors(z, ws, k, n, nl, hinv, acc, out):  # pragma: no cover - co
 
 
 @njit(nogil=True, cache=True)
+def _top_values(ws, n, nl, tridiagonal, maxit, ds, es, dt, et, norm, failed, sc, hv, fv, gv, dv, srt):  # pragma: no cover
+    # Eigenvalues of the n×n matrices in the lanes of ws, sorted descending into srt[j*nl + v]
+    # (in the units of ws).  tred2 leaves its reflectors in ws; with ``tridiagonal`` the
+    # tridiagonal forms (dt, et) and their 1-norms (norm) are kept for _top_vectors.
+    tred2_lanes(ws, ds, es, n, nl, False, sc, hv, fv, gv)
+    if tridiagonal:
+        for q in range(n * nl):
+            dt[U(q)] = ds[U(q)]
+            et[U(q)] = es[U(q)]
+        for v in range(nl):
+            norm[U(v)] = 0.0
+        for i in range(n):  # ‖T‖_1 of every lane
+            for v in range(nl):
+                x = abs(dt[U(i * nl + v)]) + abs(et[U(i * nl + v)])
+                x += abs(et[U((i + 1) * nl + v)]) if i + 1 < n else 0.0
+                norm[U(v)] = max(norm[U(v)], x)
+    tqlrat_lanes(ds, es, n, nl, maxit, failed)
+    for v in range(nl):
+        # descending insertion sort of the lane's eigenvalues
+        for i in range(n):
+            x = ds[U(i * nl + v)]
+            q = i
+            while q > 0 and dv[U(q - 1)] < x:
+                dv[U(q)] = dv[U(q - 1)]
+                q -= 1
+            dv[U(q)] = x
+        for j in range(n):
+            srt[U(j * nl + v)] = dv[U(j)]
+
+
+@njit(nogil=True, cache=True)
+def _top_vectors(dt, et, srt, k, n, nl, norm, steps, z, ws, hinv, acc, out, sign):  # pragma: no cover
+    # The eigenvectors of the k largest eigenvalues (srt) of the matrices whose tridiagonal forms
+    # and reflectors _top_values left: out[(j*n + c)*nl + v] = entry c of vector j of lane v,
+    # with the sign eigh_desc promises (entries sum to >= 0).
+    invit_lanes(dt, et, srt, k, n, nl, norm, steps, z)
+    _apply_reflectors(z, ws, k, n, nl, hinv, acc, out)
+    for j in range(k):
+        for v in range(nl):
+            sign[U(v)] = 0.0
+        for c in range(n):
+            for v in range(nl):
+                sign[U(v)] += out[U((j * n + c) * nl + v)]
+        for v in range(nl):
+            sign[U(v)] = -1.0 if sign[U(v)] < 0.0 else 1.0
+        for c in range(n):
+            for v in range(nl):
+                out[U((j * n + c) * nl + v)] *= sign[U(v)]
+
+
+@njit(nogil=True, cache=True)
 def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - compiled
     # g: (B, n, n) C-contiguous float64.  vals (B, n): all eigenvalues, descending, clipped at
     # 0; vecs (B, n, k): the eigenvectors of the k largest (k = 0: values only).  bad[t]: matrix t
@@ -682,7 +739,7 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
     failed = np.empty(nl)
     norm = np.empty(nl)
     dv = np.empty(n)
-    lam = np.empty(max(k, 1) * nl)
+    srt = np.empty(n * nl)
     z = np.empty(max(k, 1) * n * nl)
     out = np.empty(max(k, 1) * n * nl)
     sign = np.empty(nl)
@@ -691,58 +748,347 @@ def eigh_top_batch(g, k, maxit, steps, vals, vecs, bad):  # pragma: no cover - c
     for t0 in range(0, b, nl):
         nb = min(nl, b - t0)
         _load_block(g, t0, nb, nl, ws, scale, bad)
-        tred2_lanes(ws, ds, es, n, nl, False, sc, hv, fv, gv)  # reflectors stay in ws
-        if k > 0:
-            for q in range(n * nl):
-                dt[U(q)] = ds[U(q)]
-                et[U(q)] = es[U(q)]
-            for v in range(nl):
-                norm[U(v)] = 0.0
-            for i in range(n):  # ‖T‖_1 of every lane
-                for v in range(nl):
-                    x = abs(dt[U(i * nl + v)]) + abs(et[U(i * nl + v)])
-                    x += abs(et[U((i + 1) * nl + v)]) if i + 1 < n else 0.0
-                    norm[U(v)] = max(norm[U(v)], x)
-        tqlrat_lanes(ds, es, n, nl, maxit, failed)
-        for v in range(nl):
-            # descending insertion sort of the lane's eigenvalues
-            for i in range(n):
-                x = ds[U(i * nl + v)]
-                q = i
-                while q > 0 and dv[U(q - 1)] < x:
-                    dv[U(q)] = dv[U(q - 1)]
-                    q -= 1
-                dv[U(q)] = x
-            for j in range(k):
-                lam[U(j * nl + v)] = dv[U(j)]
-            if v < nb:
-                t = t0 + v
-                sv = scale[v]
-                for j in range(n):
-                    x = dv[U(j)]
-                    vals[U(t), U(j)] = x / sv if x > 0.0 else 0.0
-                    if not np.isfinite(x):
-                        bad[U(t)] = True
-                if failed[U(v)] != 0.0:
+        _top_values(ws, n, nl, k > 0, maxit, ds, es, dt, et, norm, failed, sc, hv, fv, gv, dv, srt)
+        for v in range(nb):
+            t = t0 + v
+            sv = scale[v]
+            for j in range(n):
+                x = srt[U(j * nl + v)]
+                vals[U(t), U(j)] = x / sv if x > 0.0 else 0.0
+                if not np.isfinite(x):
                     bad[U(t)] = True
+            if failed[U(v)] != 0.0:
+                bad[U(t)] = True
         if k > 0:
-            invit_lanes(dt, et, lam, k, n, nl, norm, steps, z)
-            _apply_reflectors(z, ws, k, n, nl, hinv, acc, out)
-            for j in range(k):  # the sign eigh_desc promises: entries sum to >= 0
-                for v in range(nl):
-                    sign[U(v)] = 0.0
-                for c in range(n):
-                    for v in range(nl):
-                        sign[U(v)] += out[U((j * n + c) * nl + v)]
-                for v in range(nl):
-                    sign[U(v)] = -1.0 if sign[U(v)] < 0.0 else 1.0
-                for c in range(n):
-                    for v in range(nl):
-                        out[U((j * n + c) * nl + v)] *= sign[U(v)]
+            _top_vectors(dt, et, srt, k, n, nl, norm, steps, z, ws, hinv, acc, out, sign)
             for v in range(nb):
                 for c in range(n):
                     for j in range(k):
                         vecs[U(t0 + v), U(c), U(j)] = out[U((j * n + c) * nl + v)]
+
+
+# ---------------------------------------------------------------------- the whole TT-SVD sweep
+# tt_sweep: the left-to-right sweep of mpsd.core.ttsvd.tt_svd in one call, with no numpy call per
+# bond.  Every tensor's matrix stays in one piece (it fits the L1 cache: its Gram matrix and the
+# projections are vector loops over its rows); the Gram matrices of a block of ``wide`` tensors go
+# into the vector lanes for the eigensolver above.  It makes the same decisions as tt_svd (see
+# there), per block of tensors instead of per batch: a bond the block need not truncate keeps the
+# identity (or the whole matrix), a tensor that keeps its whole left space keeps the identity,
+# the right-side step divides by σ unless a kept σ_j² is below SCALE_ONLY_RATIO·σ_1² (then
+# Gram-Schmidt, twice, gives the QR).  Only the eigenvectors that the block keeps are computed,
+# once the ranks are known from the eigenvalues.
+fr = {"nsz", "arcp", "contract", "reassoc"}  # reductions may be reordered (vector loops)
+scale_only_ratio = 1e-6  # must equal ttsvd.SCALE_ONLY_RATIO
+
+
+@njit(nogil=True, cache=True)
+def _gram_one(x, xo, rows, cols, left, g, v, nl, tmp):  # pragma: no cover - compiled
+    # The Gram matrix of one matrix x[xo:] (rows×cols) into lane v of g: x xᵀ with ``left``,
+    # else xᵀ x (BLAS: one call per matrix costs less than any loop here); the upper triangle is
+    # mirrored, so the lanes hold an exactly symmetric matrix.
+    a = x[xo : xo + rows * cols].reshape(rows, cols)
+    n = rows if left else cols
+    gg = tmp[: n * n].reshape(n, n)
+    if left:
+        np.dot(a, a.T, gg)
+    else:
+        np.dot(a.T, a, gg)
+    for i in range(n):
+        for j in range(i, n):
+            w = gg[i, j]
+            g[U((i * n + j) * nl + v)] = w
+            g[U((j * n + i) * nl + v)] = w
+
+
+@njit(nogil=True, cache=True)
+def _lane_matrix(vecs, n, k, v, nl, out, transposed):  # pragma: no cover - compiled
+    # Lane v's n×k matrix of column vectors vecs[(j*n + i)*nl + v] as out (n×k), or its
+    # transpose (k×n) with ``transposed``, row-major.
+    for j in range(k):
+        for i in range(n):
+            w = vecs[U((j * n + i) * nl + v)]
+            if transposed:
+                out[U(j * n + i)] = w
+            else:
+                out[U(i * k + j)] = w
+
+
+@njit(nogil=True, cache=True, fastmath=fr)
+def _gram_schmidt_one(y, m, k, r):  # pragma: no cover - compiled
+    # y (m×k) ← q and r (k×k) ← the upper triangle with y = q r: classical Gram-Schmidt applied
+    # twice.  A column left with less than 1e-10 of its norm depends on the earlier ones (twice
+    # is not enough then): it gets q_j = 0 and r_jj = 0, and y = q r holds to 1e-10 of it.
+    for q in range(k * k):
+        r[U(q)] = 0.0
+    for j in range(k):
+        acc = 0.0
+        for i in range(m):
+            acc += y[U(i * k + j)] * y[U(i * k + j)]
+        before = acc
+        for _rep in range(2):
+            for a in range(j):
+                acc = 0.0
+                for i in range(m):
+                    acc += y[U(i * k + a)] * y[U(i * k + j)]
+                r[U(a * k + j)] += acc
+                for i in range(m):
+                    y[U(i * k + j)] -= acc * y[U(i * k + a)]
+        acc = 0.0
+        for i in range(m):
+            acc += y[U(i * k + j)] * y[U(i * k + j)]
+        s = math.sqrt(acc) if acc > 1e-20 * before else 0.0
+        r[U(j * k + j)] = s
+        inv = 1.0 / s if s > 0.0 else 0.0
+        for i in range(m):
+            y[U(i * k + j)] *= inv
+
+
+@njit(nogil=True, cache=True)
+def _tol_rank(vals, n, nl, v, thr):  # pragma: no cover - compiled
+    # smallest r with Σ_{j >= r} vals[j] <= thr (vals descending, vals[j*nl + v])
+    tail = 0.0
+    r = n
+    for j in range(n - 1, -1, -1):
+        tail += vals[U(j * nl + v)]
+        if tail <= thr:
+            r = j
+        else:
+            break
+    return r
+
+
+@njit(nogil=True, cache=True)
+def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, maxit, steps,
+             rstore, offsets, packed, ranks, err, bad):  # pragma: no cover - compiled
+    # a (B, N) float64 C-contiguous: the tensors, flattened.  sites (n,), caps (B, n−1) (each at
+    # most the exact rank), dsq (B,) the δ² of every tensor (used with use_tol), the left basis of
+    # bond basis_bond (-1: none) as basis_vals (B, m) and basis_vecs (B, m, kb).  Outputs: packed
+    # (B, S), core k of tensor t at packed[t, offsets[k]:] with the storage shape
+    # (rstore[k], d_k, rstore[k+1]); ranks, err (B, n−1) as TensorTrain.ranks and sweep_error;
+    # bad[t]: tensor t met a Gram matrix that is not finite or an eigenvalue that did not converge
+    # (its outputs are meaningless: the caller redoes it another way).
+    b = a.shape[0]
+    nt = a.shape[1]
+    n = sites.shape[0]
+    nl = wide
+    af = a.reshape(a.size)
+    right = np.ones(n + 1, dtype=np.int64)  # right[k] = d_k ⋯ d_{n-1} (0-based), right[n] = 1
+    for k in range(n - 1, -1, -1):
+        right[k] = right[k + 1] * sites[k]
+    gmax = 2
+    buf = 1
+    for k in range(n):
+        if k > 0:
+            buf = max(buf, rstore[k] * right[k])
+        if k < n - 1:
+            gmax = max(gmax, min(rstore[k] * sites[k], right[k + 1]))
+    bufs = np.empty((2, nl * buf))  # the block's matrices, tensor after tensor (ping-pong)
+    y = np.empty(max(buf, nt))  # one tensor's M·V (m×k <= d_k·right[k+1]·r_k)
+    vt = np.empty(gmax * gmax)
+    rf = np.empty(gmax * gmax)
+    tmp = np.empty(gmax * gmax)
+    ws = np.empty(gmax * gmax * nl)
+    ds = np.empty(gmax * nl)
+    es = np.empty(gmax * nl)
+    dt = np.empty(gmax * nl)
+    et = np.empty(gmax * nl)
+    srt = np.empty(gmax * nl)
+    vu = np.empty(gmax * nl)  # eigenvalues in the data's units
+    z = np.empty(gmax * gmax * nl)
+    vecs = np.empty(gmax * gmax * nl)
+    hinv = np.empty(gmax * nl)
+    dv = np.empty(gmax)
+    sc = np.empty(nl)
+    hv = np.empty(nl)
+    fv = np.empty(nl)
+    gv = np.empty(nl)
+    acc = np.empty(nl)
+    sign = np.empty(nl)
+    scale = np.ones(nl)
+    failed = np.empty(nl)
+    norm = np.empty(nl)
+    rows = np.empty(nl, dtype=np.int64)
+    want = np.empty(nl, dtype=np.int64)
+    r = np.empty(nl, dtype=np.int64)
+    unchanged = np.empty(nl, dtype=np.bool_)
+    whole = np.empty(nl, dtype=np.bool_)
+    for t0 in range(0, b, nl):
+        nb = min(nl, b - t0)
+        for v in range(nb):  # zeros wherever a core does not reach the storage shape
+            row = packed[t0 + v]
+            for q in range(row.size):
+                row[U(q)] = 0.0
+        # the current matrix of lane v: src[base + v*stride], first the tensors themselves
+        src = af
+        base = t0 * nt
+        stride = nt
+        side = 0  # which of bufs takes the next matrix
+        for v in range(nl):
+            rows[v] = 1
+            unchanged[v] = True
+        big = 1  # the block's largest r_{k-1}
+        for k in range(n - 1):
+            d = sites[k]
+            p = right[k + 1]
+            m = big * d
+            rs1 = rstore[k + 1]
+            off = offsets[k]
+            dst = bufs[side]
+            skip = not use_tol
+            for v in range(nb):
+                w = min(min(rows[v] * d, p), caps[t0 + v, k])
+                want[v] = w
+                skip = skip and (w == rows[v] * d if m <= p else w == p)
+            if skip and m <= p:
+                # nothing to truncate on the left side: identity core, matrix unchanged
+                for v in range(nb):
+                    row = packed[t0 + v]
+                    for i in range(m):
+                        row[U(off + i * rs1 + i)] = 1.0
+                    ranks[t0 + v, k] = rows[v] * d
+                    err[t0 + v, k] = 0.0
+                    rows[v] = rows[v] * d
+                big = m
+                continue
+            if skip:
+                # nothing to truncate on the right side: the core takes the whole matrix
+                for v in range(nb):
+                    row = packed[t0 + v]
+                    xo = base + v * stride
+                    for i in range(m):
+                        for j in range(p):
+                            row[U(off + i * rs1 + j)] = src[U(xo + i * p + j)]
+                    o = v * buf
+                    for q in range(p * p):
+                        dst[U(o + q)] = 0.0
+                    for i in range(p):
+                        dst[U(o + i * p + i)] = 1.0
+                    ranks[t0 + v, k] = p
+                    err[t0 + v, k] = 0.0
+                    rows[v] = p
+                    unchanged[v] = False
+                src, base, stride, side = dst, 0, buf, 1 - side
+                big = p
+                continue
+            left = m <= p
+            g = m if left else p  # order of the Gram matrices
+            # the left basis serves the tensors no earlier bond rotated (all of them: no
+            # eigensolver; some: it runs for the others)
+            with_basis = left and basis_bond == k
+            from_basis = with_basis
+            for v in range(nb):
+                from_basis = from_basis and unchanged[v]
+            if not from_basis:
+                for v in range(nb):
+                    _gram_one(src, base + v * stride, m, p, left, ws, v, nl, tmp)
+                for q in range(g * g):
+                    for v in range(nb, nl):
+                        ws[U(q * nl + v)] = 0.0
+                _scale_block(ws, g * g, nl, nb, t0, scale, bad)
+                _top_values(ws, g, nl, True, maxit, ds, es, dt, et, norm, failed, sc, hv, fv, gv, dv, srt)
+            kmax = 1
+            all_whole = True
+            for v in range(nb):
+                if with_basis and unchanged[v]:
+                    for j in range(g):
+                        vu[U(j * nl + v)] = basis_vals[t0 + v, j]
+                else:
+                    sv = scale[v]
+                    if failed[v] != 0.0:
+                        bad[t0 + v] = True
+                    for j in range(g):
+                        x = srt[U(j * nl + v)]
+                        if not np.isfinite(x):
+                            bad[t0 + v] = True
+                        vu[U(j * nl + v)] = x / sv if x > 0.0 else 0.0
+                # rank and discarded norm
+                rv = want[v]
+                if use_tol:
+                    rv = min(rv, max(_tol_rank(vu, g, nl, v, dsq[t0 + v] * (1 + 1e-12)), 1))
+                rv = max(rv, 1)
+                r[v] = rv
+                whole[v] = left and rv == m and rows[v] * d == m
+                tail = 0.0
+                for j in range(rv, g):
+                    tail += vu[U(j * nl + v)]
+                err[t0 + v, k] = math.sqrt(tail)
+                ranks[t0 + v, k] = rv
+                kmax = max(kmax, rv)
+                all_whole = all_whole and whole[v]
+            if all_whole:
+                for v in range(nb):
+                    row = packed[t0 + v]
+                    for i in range(m):
+                        row[U(off + i * rs1 + i)] = 1.0
+                    rows[v] = r[v]
+                big = m
+                continue
+            # the kmax leading eigenvectors, columns past a tensor's own rank zeroed
+            if not from_basis:
+                _top_vectors(dt, et, srt, kmax, g, nl, norm, steps, z, ws, hinv, acc, vecs, sign)
+            for v in range(nb):
+                basis_lane = with_basis and unchanged[v]
+                for j in range(kmax):
+                    for c in range(g):
+                        q = U((j * g + c) * nl + v)
+                        if whole[v]:
+                            vecs[q] = 1.0 if c == j else 0.0
+                        elif j >= r[v]:
+                            vecs[q] = 0.0
+                        elif basis_lane:
+                            vecs[q] = basis_vecs[t0 + v, c, j]
+            for v in range(nb):
+                row = packed[t0 + v]
+                xo = base + v * stride
+                o = v * buf
+                mat = src[xo : xo + m * p].reshape(m, p)
+                if left:
+                    for i in range(m):
+                        for j in range(kmax):
+                            row[U(off + i * rs1 + j)] = vecs[U((j * m + i) * nl + v)]
+                    _lane_matrix(vecs, m, kmax, v, nl, vt, True)
+                    np.dot(vt[: kmax * m].reshape(kmax, m), mat, dst[o : o + kmax * p].reshape(kmax, p))
+                    unchanged[v] = unchanged[v] and whole[v]
+                else:
+                    # y = M V has orthogonal columns with squared norms vu: q = y / σ, r = diag(σ)
+                    _lane_matrix(vecs, p, kmax, v, nl, vt, False)
+                    np.dot(mat, vt[: p * kmax].reshape(p, kmax), y[: m * kmax].reshape(m, kmax))
+                    lead = vu[U(v)]
+                    ok = lead > 0.0
+                    for j in range(r[v]):
+                        ok = ok and vu[U(j * nl + v)] >= scale_only_ratio * lead
+                    if ok:
+                        for j in range(kmax):
+                            x = vu[U(j * nl + v)]
+                            sg = math.sqrt(x) if j < r[v] else 0.0
+                            tmp[U(j)] = 1.0 / sg if sg > 0.0 else 0.0
+                            for c in range(p):
+                                dst[U(o + j * p + c)] = sg * vt[U(c * kmax + j)]
+                        for i in range(m):
+                            for j in range(kmax):
+                                y[U(i * kmax + j)] *= tmp[U(j)]
+                    else:
+                        _gram_schmidt_one(y, m, kmax, rf)
+                        for a2 in range(kmax):
+                            for c in range(p):
+                                s = 0.0
+                                for j in range(a2, kmax):
+                                    s += rf[U(a2 * kmax + j)] * vt[U(c * kmax + j)]
+                                dst[U(o + a2 * p + c)] = s
+                    for i in range(m):
+                        for j in range(kmax):
+                            row[U(off + i * rs1 + j)] = y[U(i * kmax + j)]
+                    unchanged[v] = False
+                rows[v] = r[v]
+            src, base, stride, side = dst, 0, buf, 1 - side
+            big = kmax
+        # the last core: what is left, (r_{n-1}, d_n, 1)
+        last = big * sites[n - 1]
+        for v in range(nb):
+            row = packed[t0 + v]
+            xo = base + v * stride
+            for q in range(last):
+                row[U(offsets[n - 1] + q)] = src[U(xo + q)]
 
 
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})

@@ -163,6 +163,7 @@ def tt_svd(
     max_bonds: Sequence[int] | np.ndarray | None = None,
     tol: float | None = None,
     left_basis: LeftBasis | None = None,
+    compiled: bool = True,
 ) -> TensorTrain:
     """Decompose a batch of tensors into MPS by a left-to-right sweep of truncated SVDs.
 
@@ -180,6 +181,10 @@ def tt_svd(
         the same Gram matrix again for every tensor that no earlier bond rotated (a tensor that
         keeps its whole left space at a bond keeps the identity there and stays unchanged).  It
         must hold at least as many vectors as the bond can keep.
+    compiled : bool
+        Use the compiled sweep (:func:`mpsd.core._kernels.tt_sweep`) where it applies: one call
+        for the whole batch instead of numpy calls per bond.  Both make the same decisions, per
+        block of 64 tensors there and per batch here, and agree to rounding.
 
     Returns
     -------
@@ -216,6 +221,9 @@ def tt_svd(
         if not (tol >= 0 and math.isfinite(tol)):
             raise OptionError(f"tol must be a finite number >= 0, got {tol}")
         delta_sq = (tol**2 / max(n - 1, 1)) * np.einsum("bi,bi->b", a.reshape(b, -1), a.reshape(b, -1))
+
+    if compiled and b and _kernels.sweep_fits(sites, caps.max(axis=0)):
+        return _tt_svd_compiled(a, caps, tol, delta_sq if tol is not None else None, left_basis)
 
     cores: list[np.ndarray] = []
     ranks = np.zeros((b, n - 1), dtype=np.int64)
@@ -298,3 +306,36 @@ def tt_svd(
         rows = r
     cores.append(np.ascontiguousarray(m_mat).reshape(b, m_mat.shape[1], sites[-1], 1))
     return TensorTrain(cores=cores, ranks=ranks, sweep_error=sweep_error)
+
+
+def _tt_svd_compiled(
+    a: np.ndarray,
+    caps: np.ndarray,
+    tol: float | None,
+    delta_sq: np.ndarray | None,
+    left_basis: LeftBasis | None,
+) -> TensorTrain:
+    """:func:`tt_svd` through the compiled sweep; tensors it could not take (a Gram matrix that is
+    not finite, an eigenvalue that did not converge) are redone on the numpy path, with LAPACK."""
+    b, sites = a.shape[0], a.shape[1:]
+    basis = None
+    if left_basis is not None:
+        bond = left_basis.bond
+        if left_basis.vectors.shape[:2] != (b, math.prod(sites[: bond + 1])) or left_basis.vectors.shape[2] < caps[:, bond].max():
+            raise ValueError(f"left_basis has shape {left_basis.vectors.shape}, too few columns for bond {bond}")
+        basis = (bond, left_basis.values, left_basis.vectors)
+    cores, ranks, err, bad = _kernels.tt_sweep(a.reshape(b, -1), sites, caps, delta_sq, basis)
+    if bad.any():
+        redo = tt_svd(a[bad], max_bonds=caps[bad], tol=tol, compiled=False)
+        ranks[bad], err[bad] = redo.ranks, redo.sweep_error
+        widths = [1, *(int(x) for x in ranks.max(axis=0)), 1]
+        grown = []
+        for k, core in enumerate(cores):
+            out = np.zeros((b, widths[k], sites[k], widths[k + 1]))
+            out[:, : core.shape[1], :, : core.shape[3]] = core
+            part = redo.cores[k]
+            out[bad] = 0.0
+            out[np.flatnonzero(bad), : part.shape[1], :, : part.shape[3]] = part
+            grown.append(out)
+        cores = grown
+    return TensorTrain(cores=cores, ranks=ranks, sweep_error=err)
