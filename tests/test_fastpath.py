@@ -212,6 +212,17 @@ def test_gram_rows_matches_matmul(numpy_only, shape):
 
 
 @needs_numba
+@pytest.mark.parametrize("shape", [(9, 64, 16), (5, 24, 16), (3, 7, 1), (4, 7, 7), (2, 1, 5)])
+def test_gram_cols_matches_matmul(numpy_only, shape):
+    m = np.random.default_rng(9).normal(size=shape)
+    reference = np.einsum("bij,bik->bjk", m, m)  # not the code under test: no BLAS call
+    g, g0 = both(numpy_only, lambda: _kernels.gram_cols(m))
+    np.testing.assert_allclose(g, reference, rtol=1e-13, atol=1e-13 * shape[1])
+    np.testing.assert_array_equal(g, g.transpose(0, 2, 1))
+    np.testing.assert_allclose(g0, reference, rtol=1e-13, atol=1e-13 * shape[1])
+
+
+@needs_numba
 @pytest.mark.parametrize("shape", [(7, 24, 6), (5, 4, 4), (3, 9, 1), (4, 64, 8)])
 def test_qr_is_a_valid_reduced_qr(shape):
     rng = np.random.default_rng(1)

@@ -97,6 +97,7 @@ def _kernels() -> dict[str, Any]:
                     a = np.ones((1, 2, 2))
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
                     nb.gram_rows(a, np.empty((1, 2, 2)))
+                    nb.gram_cols(a, np.empty((1, 2, 2)))
                     nb.tt_sweep(np.ones((1, 4)), np.array([2, 2]), np.array([[2]]), np.zeros(1), False, -1,
                                 np.zeros((1, 1)), np.zeros((1, 1, 1)), MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS,
                                 np.array([1, 2, 1]), np.array([0, 4]), np.zeros((1, 8)),
@@ -125,7 +126,7 @@ def _kernels() -> dict[str, Any]:
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch, "eigh_top_batch": nb.eigh_top_batch,
-                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "tt_sweep": nb.tt_sweep,
+                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "gram_cols": nb.gram_cols, "tt_sweep": nb.tt_sweep,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
@@ -243,6 +244,19 @@ def gram_rows(m: np.ndarray) -> np.ndarray:
     b, r, _ = m.shape
     out = np.empty((b, r, r))
     _kernels()["gram_rows"](np.ascontiguousarray(m, dtype=np.float64), out)
+    return out
+
+
+def gram_cols(m: np.ndarray) -> np.ndarray:
+    """``mᵀ @ m`` for a batch of tall matrices (B, r, p): shape (B, p, p), exactly symmetric.
+
+    With numba, one BLAS call per matrix from compiled code; otherwise ``numpy.matmul``.  The
+    two differ by rounding only.
+    """
+    if not use_numba() or m.ndim != 3 or m.shape[0] == 0 or m.shape[2] == 0:
+        return m.transpose(0, 2, 1) @ m
+    out = np.empty((m.shape[0], m.shape[2], m.shape[2]))
+    _kernels()["gram_cols"](np.ascontiguousarray(m, dtype=np.float64), out)
     return out
 
 

@@ -1112,6 +1112,24 @@ def gram_rows(x, out):  # pragma: no cover - compiled
                 of[U(oo + j * m + i)] = s
 
 
+@njit(nogil=True, cache=True)
+def gram_cols(x, out):  # pragma: no cover - compiled
+    # out[t] = x[t].T @ x[t] for x (B, m, p) C-contiguous: one BLAS call per matrix (numpy's
+    # matmul of a transposed view costs several times more), the upper triangle mirrored so
+    # that out[t] is exactly symmetric.
+    b, m, p = x.shape
+    tmp = np.empty((p, p))
+    for t in range(b):
+        a = x[t]
+        np.dot(a.T, a, tmp)
+        o = out[t]
+        for i in range(p):
+            for j in range(i, p):
+                w = tmp[i, j]
+                o[i, j] = w
+                o[j, i] = w
+
+
 @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
 def norms_and_distances(a, b, norm, dist):  # pragma: no cover - compiled
     # norm[i] = ‖a[i]‖, dist[i] = ‖a[i] − b[i]‖ for rows of (N, P) arrays, one pass, no temporary.

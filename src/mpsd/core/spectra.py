@@ -103,7 +103,7 @@ def spectra_and_left_basis(
     if on_right:
         k = on_right[0]
         m = a.reshape(b, left[k], right[k])
-        h = m.transpose(0, 2, 1) @ m
+        h = _kernels.gram_cols(m)
         out[k] = _kernels.eigh_desc(h, vectors=False)[0]
         for k in on_right[1:]:
             d = sites[k]

@@ -269,7 +269,7 @@ def tt_svd(
         elif m <= p:
             sq_sv, vecs = _eigh_desc(_kernels.gram_rows(m_mat), n_vectors)
         else:
-            sq_sv, vecs = _eigh_desc(m_mat.transpose(0, 2, 1) @ m_mat, n_vectors)
+            sq_sv, vecs = _eigh_desc(_kernels.gram_cols(m_mat), n_vectors)
         r = want
         if tol is not None:
             r = np.minimum(r, np.maximum(_tol_ranks(sq_sv, delta_sq), 1))
