@@ -239,7 +239,7 @@ def test_qr_is_a_valid_reduced_qr(shape):
 
 @needs_numba
 @pytest.mark.parametrize(
-    "ranks", [(4, 6, 6, 4), (4, 16, 16, 4), (1, 1, 1, 1), (2, 3, 3, 2)]
+    "ranks", [(4, 6, 6, 4), (4, 16, 16, 4), (1, 1, 1, 1), (2, 3, 3, 2), (4, 12, 7, 4)]
 )
 def test_contract_matches_the_numpy_chain(numpy_only, ranks):
     rng = np.random.default_rng(4)

@@ -120,6 +120,9 @@ def _kernels() -> dict[str, Any]:
                             nb.decode_round_rows(np.ones((1, 2), dtype=st), np.array([[0, 1]]), np.ones((1, 1, 2)),
                                                  np.array([1, 1]), np.ones((1, 1, 3), dtype=np.int64),
                                                  np.array([1]), ix, 255.0, im)
+                    for src in (np.zeros((2, 4), dtype=np.int8), np.zeros((2, 4)), np.zeros((2, 4), dtype=np.float32)):
+                        for view in (src, src[:, :2]):  # C and strided rows
+                            nb.pack_scaled(view, np.ones(2), True, np.zeros((2, 4)), 0)
                     one = np.ones(1, dtype=np.int64)
                     for dt in _COPY_TYPES.values():
                         nb.pack_rows(np.zeros((1, 1, 1, 1), dtype=dt), one, one, np.zeros((1, 1), dtype=dt))
@@ -132,7 +135,7 @@ def _kernels() -> dict[str, Any]:
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "gauge_quantize": nb.gauge_quantize,
-                    "pack_rows": nb.pack_rows, "unpack_rows": nb.unpack_rows,
+                    "pack_rows": nb.pack_rows, "pack_scaled": nb.pack_scaled, "unpack_rows": nb.unpack_rows,
                     "decode_round_rows": nb.decode_round_rows,
                 }
     return _compiled
@@ -451,16 +454,25 @@ def _pack(cores: list[np.ndarray], scales: np.ndarray | None, out: np.ndarray, s
     offsets = []
     o = start
     scale64 = None if scales is None else np.asarray(scales, dtype=np.float64)
+    kernel = _kernels()["pack_scaled"] if use_numba() else None
     for k, c in enumerate(cores):
         size = int(np.prod(c.shape[1:]))
-        dst = out[:, o : o + size]
-        if scale64 is None:
-            dst[...] = c.reshape(b, size)
+        rows = c.reshape(b, size)
+        if kernel is not None and rows.dtype in _PACK_TYPES and out.flags.c_contiguous:
+            # exactly as below, without numpy's casting loop over a strided view
+            kernel(rows, scale64[:, k] if scale64 is not None else _ONE, scale64 is not None, out, o)
+        elif scale64 is None:
+            out[:, o : o + size] = rows
         else:  # exactly quantize.dequantize: float64(q) · float64(scale)
-            np.multiply(c.reshape(b, size), scale64[:, k, None], out=dst)
+            np.multiply(rows, scale64[:, k, None], out=out[:, o : o + size])
         offsets.append(o)
         o += size
     return offsets
+
+
+#: Core dtypes that ``pack_scaled`` takes (float16 stays with numpy).
+_PACK_TYPES = (np.dtype(np.int8), np.dtype(np.float32), np.dtype(np.float64))
+_ONE = np.ones(1)
 
 
 def contract_cores(cores: list[np.ndarray], scales: np.ndarray | None = None) -> np.ndarray | None:

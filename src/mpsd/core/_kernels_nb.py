@@ -12,6 +12,7 @@ from numba import njit
 from numba import uint64 as U
 
 lanes = 8  # must equal _kernels.LANES
+MM_BLAS_INNER = 8  # _mm: BLAS from this inner dimension on (measured 2026-12-07: 5, 7, 8, 12 tried)
 groups = 2  # groups of ``lanes`` matrices reduced together by tred2_lanes
 eps = float(np.finfo(np.float64).eps)
 fm = {"nsz", "arcp", "contract"}
@@ -1314,7 +1315,11 @@ def _mm(a, oa, m, k, b, ob, n, c, oc):  # pragma: no cover - compiled
     # c[oc: oc+m*n] = a[oa: oa+m*k] (m×k) @ b[ob: ob+k*n] (k×n), all row-major, flat arrays
     # (c must not overlap a or b).  Each row of c is built in passes that add up to four rows
     # of b at once: a quarter of the loads and stores of c of a plain k-loop (3× faster on the
-    # 16×6 @ 6×64 products of CIFAR).
+    # 16×6 @ 6×64 products of CIFAR).  From an inner dimension of MM_BLAS_INNER on, one BLAS
+    # call is faster (2.2× for the contraction of --tol 0.05 cores, ranks up to 16).
+    if k >= MM_BLAS_INNER:
+        np.dot(a[oa : oa + m * k].reshape(m, k), b[ob : ob + k * n].reshape(k, n), c[oc : oc + m * n].reshape(m, n))
+        return
     for i in range(m):
         ai = oa + i * k
         ci = U(oc + i * n)
@@ -1493,8 +1498,8 @@ def _abs_peak(x, o, m):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True)
 def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - compiled
     # Per tensor t (row of packed, cores side by side at offsets[k] with sizes[k] entries):
-    # balance the gauge (core k /= max|core k|, core k+1 *= it, for k < n-1), then store every
-    # core as int8: scale = float32(max|x| / 127), q = clip(rint(x / scale), -127, 127).  Same
+    # balance the gauge (core k *= 1/max|core k|, core k+1 *= it, for k < n-1), then store every
+    # core as int8: scale = float32(max|x| / 127), q = clip(rint(x · (1/scale)), -127, 127).  Same
     # operations, in the same order, as codec.balance_gauge followed by quantize.quantize
     # (for finite cores, which is all the TT-SVD of finite images produces).  Flat rows and a
     # branch-free rint (|x / scale| <= 127 here) so that the loops are vector loops.
@@ -1510,8 +1515,9 @@ def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - com
             m = U(sizes[U(k)])
             peak = _abs_peak(pf, o, m)
             sk = peak if peak > 0 else 1.0
+            ik = 1.0 / sk
             for j in range(m):
-                pf[o + U(j)] = pf[o + U(j)] / sk
+                pf[o + U(j)] = pf[o + U(j)] * ik
             o1 = base + U(offsets[U(k + 1)])
             for j in range(U(sizes[U(k + 1)])):
                 pf[o1 + U(j)] = pf[o1 + U(j)] * sk
@@ -1521,10 +1527,23 @@ def gauge_quantize(packed, offsets, sizes, q, scales):  # pragma: no cover - com
             peak = _abs_peak(pf, o, m)
             sc = np.float32(peak / 127.0)
             scales[U(t), U(k)] = sc
-            safe = np.float64(sc) if sc > 0 else 1.0
+            inv = 1.0 / (np.float64(sc) if sc > 0 else 1.0)
             for j in range(m):
-                x = _rint_small(pf[o + U(j)] / safe)
+                x = _rint_small(pf[o + U(j)] * inv)
                 qf[o + U(j)] = np.int8(min(max(x, -127.0), 127.0))
+
+
+@njit(nogil=True, cache=True)
+def pack_scaled(src, scale, use_scale, out, o):  # pragma: no cover - compiled
+    # out[t, o : o + size] = float64(src[t]) · float64(scale[t]) (use_scale), else float64(src[t]):
+    # one core of a batch into a row-packed buffer, dequantised on the way (numpy's casting
+    # multiply of an int8 view costs several ns per number).  src (B, size), any row stride.
+    b, size = src.shape
+    for t in range(b):
+        st = np.float64(scale[t]) if use_scale else 1.0
+        row = out[t]
+        for i in range(size):
+            row[U(o + i)] = np.float64(src[t, i]) * st
 
 
 @njit(nogil=True, cache=True)

@@ -1,7 +1,7 @@
 """Store MPS cores as scaled integers or small floats.
 
 ``int8`` (default)
-    Per tensor and per core, ``q = round(x / s)`` with ``s = max|x| / 127``; ``s`` is stored as
+    Per tensor and per core, ``q = round(x · (1/s))`` with ``s = max|x| / 127``; ``s`` is stored as
     float32 beside the core.  Decoding is ``q·s``.
 ``float16`` / ``float32``
     A plain cast; no scale is stored.
@@ -45,7 +45,8 @@ def quantize(core: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | Non
     peak = np.abs(core.reshape(b, -1)).max(axis=1) if core.size else np.zeros(b)
     scale = (peak / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
-    q = np.rint(core / safe.reshape((b,) + (1,) * (core.ndim - 1)))
+    # x · (1/s): one division per tensor, then multiplications (the compiled encoder does the same)
+    q = np.rint(core * (1.0 / safe).reshape((b,) + (1,) * (core.ndim - 1)))
     return np.clip(q, -127, 127).astype(np.int8), scale
 
 
