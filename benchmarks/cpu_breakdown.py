@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         real = np.concatenate([data["x_train"], data["x_test"]])
     images = np.concatenate([real] * (-(-args.n // len(real))))[: args.n]
     options = dict(MODES[args.mode], metrics=not args.no_metrics, overwrite=True)
+    _kernels.tune_allocator()  # as the mpsd CLI does for its process
     _instrument()
     with tempfile.TemporaryDirectory(dir=os.environ.get("MPSD_BENCH_TMP")) as tmp:
         path = Path(tmp) / "store.zarr"

@@ -897,6 +897,9 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
     vu = np.empty(gmax * nl)  # eigenvalues in the data's units
     z = np.empty(gmax * gmax * nl)
     vecs = np.empty(gmax * gmax * nl)
+    packed_vecs = np.empty(gmax * gmax * nl)
+    own = np.empty(nl, dtype=np.int64)
+    lbad = np.empty(nl, dtype=np.bool_)
     hinv = np.empty(gmax * nl)
     dv = np.empty(gmax)
     sc = np.empty(nl)
@@ -973,35 +976,45 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
                 continue
             left = m <= p
             g = m if left else p  # order of the Gram matrices
-            # the left basis serves the tensors no earlier bond rotated (all of them: no
-            # eigensolver; some: it runs for the others)
+            # the left basis serves the tensors no earlier bond rotated; the eigensolver runs for
+            # the others only
             with_basis = left and basis_bond == k
-            from_basis = with_basis
+            # the eigensolver's lanes: own[c] is the tensor (lane of the block) in lane c; with
+            # a basis only the tensors it does not serve, packed together (ln of them)
+            ne = 0
             for v in range(nb):
-                from_basis = from_basis and unchanged[v]
-            if not from_basis:
-                for v in range(nb):
-                    _gram_one(src, base + v * stride, m, p, left, ws, v, nl, tmp)
+                if not (with_basis and unchanged[v]):
+                    own[ne] = v
+                    ne += 1
+            ln = nl if ne == nb else ne
+            if ne > 0:
+                for c in range(ne):
+                    _gram_one(src, base + own[c] * stride, m, p, left, ws, c, ln, tmp)
                 for q in range(g * g):
-                    for v in range(nb, nl):
-                        ws[U(q * nl + v)] = 0.0
-                _scale_block(ws, g * g, nl, nb, t0, scale, bad)
-                _top_values(ws, g, nl, True, maxit, ds, es, dt, et, norm, failed, sc, hv, fv, gv, dv, srt)
+                    for c in range(ne, ln):
+                        ws[U(q * ln + c)] = 0.0
+                for c in range(ln):
+                    lbad[c] = False
+                _scale_block(ws, g * g, ln, ne, 0, scale, lbad)
+                _top_values(ws, g, ln, True, maxit, ds, es, dt, et, norm, failed, sc, hv, fv, gv, dv, srt)
+            for c in range(ne):
+                v = own[c]
+                sv = scale[c]
+                if failed[c] != 0.0 or lbad[c]:
+                    bad[t0 + v] = True
+                for j in range(g):
+                    x = srt[U(j * ln + c)]
+                    if not np.isfinite(x):
+                        bad[t0 + v] = True
+                    vu[U(j * nl + v)] = x / sv if x > 0.0 else 0.0
             kmax = 1
+            kown = 1  # the most vectors a tensor of the eigensolver's lanes keeps
             all_whole = True
             for v in range(nb):
-                if with_basis and unchanged[v]:
+                basis_lane = with_basis and unchanged[v]
+                if basis_lane:
                     for j in range(g):
                         vu[U(j * nl + v)] = basis_vals[t0 + v, j]
-                else:
-                    sv = scale[v]
-                    if failed[v] != 0.0:
-                        bad[t0 + v] = True
-                    for j in range(g):
-                        x = srt[U(j * nl + v)]
-                        if not np.isfinite(x):
-                            bad[t0 + v] = True
-                        vu[U(j * nl + v)] = x / sv if x > 0.0 else 0.0
                 # rank and discarded norm
                 rv = want[v]
                 if use_tol:
@@ -1015,6 +1028,7 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
                 err[t0 + v, k] = math.sqrt(tail)
                 ranks[t0 + v, k] = rv
                 kmax = max(kmax, rv)
+                kown = kown if basis_lane else max(kown, rv)
                 all_whole = all_whole and whole[v]
             if all_whole:
                 for v in range(nb):
@@ -1025,8 +1039,15 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
                 big = m
                 continue
             # the kmax leading eigenvectors, columns past a tensor's own rank zeroed
-            if not from_basis:
+            if ne > 0 and ln == nl:  # every tensor of the block: the vectors go straight to vecs
                 _top_vectors(dt, et, srt, kmax, g, nl, norm, steps, z, ws, hinv, acc, vecs, sign)
+            elif ne > 0:
+                _top_vectors(dt, et, srt, kown, g, ln, norm, steps, z, ws, hinv, acc, packed_vecs, sign)
+                for c in range(ne):
+                    v = own[c]
+                    for j in range(kown):
+                        for cc in range(g):
+                            vecs[U((j * g + cc) * nl + v)] = packed_vecs[U((j * g + cc) * ln + c)]
             for v in range(nb):
                 basis_lane = with_basis and unchanged[v]
                 for j in range(kmax):
@@ -1118,7 +1139,7 @@ def gram_cols(x, out):  # pragma: no cover - compiled
     # out[t] = x[t].T @ x[t] for x (B, m, p) C-contiguous: one BLAS call per matrix (numpy's
     # matmul of a transposed view costs several times more), the upper triangle mirrored so
     # that out[t] is exactly symmetric.
-    b, m, p = x.shape
+    b, _, p = x.shape
     tmp = np.empty((p, p))
     for t in range(b):
         a = x[t]
