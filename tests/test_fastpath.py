@@ -451,6 +451,30 @@ def test_spectra_fast_path_equals_direct_svd(numpy_only, cifar, fashion, shape):
 
 
 @needs_numba
+def test_entropy_kernel_equals_the_numpy_formula(numpy_only, cifar):
+    from mpsd.core.spectra import entanglement_entropy
+
+    spectra = unfolding_spectra(_tensors(cifar, 30))
+    spectra[1][4] = 0.0  # an all-zero row: entropy 0
+    spectra[2][5, 1:] = 0.0  # one value: entropy 0, the zeros left out
+    fast, ref = both(numpy_only, lambda: entanglement_entropy(spectra))
+    np.testing.assert_allclose(fast, ref, rtol=1e-13, atol=1e-15)
+    assert fast[4, 1] == 0.0 and fast[5, 2] == 0.0 and (fast > 0).sum() == fast.size - 2
+
+
+@needs_numba
+def test_local_error_kernel_equals_the_numpy_formula(numpy_only, cifar):
+    from mpsd.core.spectra import local_truncation_errors
+
+    spectra = unfolding_spectra(_tensors(cifar, 30))
+    ranks = np.random.default_rng(2).integers(1, 17, size=(len(spectra[0]), 4))
+    ranks[0] = (4, 16, 16, 4)  # nothing discarded: 0
+    fast, ref = both(numpy_only, lambda: local_truncation_errors(spectra, ranks))
+    np.testing.assert_allclose(fast, ref, rtol=1e-13, atol=1e-15)
+    assert (fast[0] == 0).all() and (fast[1:] > 0).any()
+
+
+@needs_numba
 @pytest.mark.parametrize(
     "stages",
     [

@@ -1135,6 +1135,36 @@ def gram_rows(x, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def entropy_rows(sq, out, col):  # pragma: no cover - compiled
+    # out[t, col] = −Σ_j p_j ln p_j with p_j = sq[t, j] / Σ sq[t] (terms with p_j = 0 left out;
+    # an all-zero row gives 0): spectra.entanglement_entropy for one bond.
+    b, m = sq.shape
+    for t in range(b):
+        total = 0.0
+        for j in range(m):
+            total += sq[t, j]
+        acc = 0.0
+        if total > 0.0:
+            inv = 1.0 / total
+            for j in range(m):
+                p = sq[t, j] * inv
+                if p > 0.0:
+                    acc += p * math.log(p)
+        out[t, col] = -acc
+
+
+@njit(nogil=True, cache=True)
+def tail_rows(sq, ranks, col, out):  # pragma: no cover - compiled
+    # out[t, col] = sqrt(Σ_{j >= ranks[t, col]} sq[t, j]): spectra.local_truncation_errors for one bond
+    b, m = sq.shape
+    for t in range(b):
+        acc = 0.0
+        for j in range(max(ranks[t, col], 0), m):
+            acc += sq[t, j]
+        out[t, col] = math.sqrt(acc)
+
+
+@njit(nogil=True, cache=True)
 def gram_cols(x, out):  # pragma: no cover - compiled
     # out[t] = x[t].T @ x[t] for x (B, m, p) C-contiguous: one BLAS call per matrix (numpy's
     # matmul of a transposed view costs several times more), the upper triangle mirrored so

@@ -127,6 +127,9 @@ def entanglement_entropy(spectra: list[np.ndarray]) -> np.ndarray:
     -------
     ndarray of shape (B, n−1)
     """
+    fast = _kernels.entanglement_entropy(spectra)
+    if fast is not None:
+        return fast
     cols = []
     for sq in spectra:
         total = sq.sum(axis=1, keepdims=True)
@@ -150,6 +153,9 @@ def local_truncation_errors(spectra: list[np.ndarray], ranks: np.ndarray) -> np.
     -------
     ndarray of shape (B, n−1)
     """
+    fast = _kernels.local_truncation_errors(spectra, ranks)
+    if fast is not None:
+        return fast
     cols = []
     for k, sq in enumerate(spectra):
         j = np.arange(sq.shape[1])[None, :]
