@@ -321,21 +321,25 @@ def _tt_svd_compiled(
     basis = None
     if left_basis is not None:
         bond = left_basis.bond
-        if left_basis.vectors.shape[:2] != (b, math.prod(sites[: bond + 1])) or left_basis.vectors.shape[2] < caps[:, bond].max():
-            raise ValueError(f"left_basis has shape {left_basis.vectors.shape}, too few columns for bond {bond}")
+        m, p = math.prod(sites[: bond + 1]), math.prod(sites[bond + 1 :])
+        need = min(int(caps[:, bond].max()), m, p)  # what a tensor it serves can keep there
+        if left_basis.vectors.shape[:2] != (b, m) or left_basis.vectors.shape[2] < need:
+            raise ValueError(f"left_basis has shape {left_basis.vectors.shape}, bond {bond} needs {(b, m, need)} or more columns")
         basis = (bond, left_basis.values, left_basis.vectors)
     cores, ranks, err, bad = _kernels.tt_sweep(a.reshape(b, -1), sites, caps, delta_sq, basis)
     if bad.any():
         redo = tt_svd(a[bad], max_bonds=caps[bad], tol=tol, compiled=False)
         ranks[bad], err[bad] = redo.ranks, redo.sweep_error
+        # the batch's widths from its final ranks: the flagged tensors' own numbers may have been
+        # larger, and past its rank a tensor's core only meets zeros of its neighbour
         widths = [1, *(int(x) for x in ranks.max(axis=0)), 1]
-        grown = []
-        for k, core in enumerate(cores):
-            out = np.zeros((b, widths[k], sites[k], widths[k + 1]))
-            out[:, : core.shape[1], :, : core.shape[3]] = core
-            part = redo.cores[k]
+        merged = []
+        for k, (core, part) in enumerate(zip(cores, redo.cores, strict=True)):
+            w0, w1 = widths[k], widths[k + 1]
+            out = np.zeros((b, w0, sites[k], w1))
+            out[:, : min(w0, core.shape[1]), :, : min(w1, core.shape[3])] = core[:, :w0, :, :w1]
             out[bad] = 0.0
             out[np.flatnonzero(bad), : part.shape[1], :, : part.shape[3]] = part
-            grown.append(out)
-        cores = grown
+            merged.append(out)
+        cores = merged
     return TensorTrain(cores=cores, ranks=ranks, sweep_error=err)
