@@ -319,8 +319,8 @@ def test_tt_svd_fast_path_equals_reference_path(numpy_only, cifar, kwargs):
 def _sweep_cases(cifar, fashion):
     """Tensors that take the compiled sweep's rarer branches, with the arguments to use."""
     rng = np.random.default_rng(11)
-    photos = _tensors(cifar, 130)  # two full blocks of 64 tensors and a partial one
-    flat = photos[:70].copy()
+    photos = _tensors(cifar, 130)  # 390 tensors: six blocks of 64 and a partial one
+    flat = photos[:70].copy()  # a block of 64 and a partial one
     flat[:10] = 0.25  # rank 1: kept σ_j of zero, so the right-side step needs Gram-Schmidt
     flat[10:20] = photos[10:20, :, :1]  # rank 1 at bond 0 (repeated along site 1)
     flat[20:30] = np.einsum("ba,bc->bac", rng.random((10, 16)), rng.random((10, 64))).reshape(10, 4, 4, 4, 4, 4)

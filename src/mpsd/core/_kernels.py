@@ -123,15 +123,17 @@ def _kernels() -> dict[str, Any]:
                                                  np.array([1, 1]), np.ones((1, 1, 3), dtype=np.int64),
                                                  np.array([1]), ix, 255.0, im)
                     for src in (np.zeros((2, 4), dtype=np.int8), np.zeros((2, 4)), np.zeros((2, 4), dtype=np.float32)):
-                        for view in (src, src[:, :2]):  # C and strided rows
-                            nb.pack_scaled(view, np.ones(2), True, np.zeros((2, 4)), 0)
+                        for view in (src, src[:, :2]):  # C and strided rows, scales as used
+                            nb.pack_scaled(view, np.ones((2, 2))[:, 0], True, np.zeros((2, 4)), 0)
+                            nb.pack_scaled(view, np.ones(1), False, np.zeros((2, 4)), 0)
                     one = np.ones(1, dtype=np.int64)
                     for dt in _COPY_TYPES.values():
                         nb.pack_rows(np.zeros((1, 1, 1, 1), dtype=dt), one, one, np.zeros((1, 1), dtype=dt))
                         nb.unpack_rows(np.zeros((1, 1), dtype=dt), one, one, np.zeros((1, 1, 1, 1), dtype=dt))
                 _compiled = {
                     "eigh_batch": nb.eigh_batch, "eigh_top_batch": nb.eigh_top_batch,
-                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "gram_cols": nb.gram_cols, "entropy_rows": nb.entropy_rows, "tail_rows": nb.tail_rows, "tt_sweep": nb.tt_sweep,
+                    "qr": nb.qr_batch, "gram_rows": nb.gram_rows, "gram_cols": nb.gram_cols,
+                    "entropy_rows": nb.entropy_rows, "tail_rows": nb.tail_rows, "tt_sweep": nb.tt_sweep,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
@@ -329,7 +331,8 @@ def tt_sweep(
     delta_sq : ndarray of shape (B,), optional
         δ² of every tensor for a ``tol`` truncation (None: ranks from ``caps`` alone).
     basis : (bond, values (B, m), vectors (B, m, k)), optional
-        A left basis (:class:`mpsd.core.spectra.LeftBasis`) with k at least ``caps[:, bond].max()``.
+        A left basis (:class:`mpsd.core.spectra.LeftBasis`) with at least as many columns k as a
+        tensor it serves can keep at that bond (checked by the caller).
 
     Returns
     -------
@@ -365,7 +368,7 @@ def tt_sweep(
     cores = []
     for k in range(n):
         full = packed[:, offsets[k] : offsets[k] + sizes[k]].reshape(b, store[k], sites[k], store[k + 1])
-        if n > 1 and used[k] == store[k] and used[k + 1] == store[k + 1]:
+        if used[k] == store[k] and used[k + 1] == store[k + 1]:
             cores.append(full)  # the storage shape is the batch's: no copy (a view of packed)
         else:
             cores.append(np.ascontiguousarray(full[:, : used[k], :, : used[k + 1]]))
