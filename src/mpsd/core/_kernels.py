@@ -98,7 +98,7 @@ def _kernels() -> dict[str, Any]:
                     nb.qr_batch(a, np.empty((1, 2, 2)), np.empty((1, 2, 2)))
                     nb.gram_rows(a, np.empty((1, 2, 2)))
                     nb.gram_cols(a, np.empty((1, 2, 2)))
-                    nb.entropy_rows(np.ones((1, 2)), np.empty((1, 1)), 0)
+                    nb.entropy_rows(np.ones((1, 2)), 0, np.empty((1, 1)))
                     nb.tail_rows(np.ones((1, 2)), np.ones((1, 1), dtype=np.int64), 0, np.empty((1, 1)))
                     nb.tt_sweep(np.ones((1, 4)), np.array([2, 2]), np.array([[2]]), np.zeros(1), False, -1,
                                 np.zeros((1, 1)), np.zeros((1, 1, 1)), MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS,
@@ -259,24 +259,22 @@ def entanglement_entropy(spectra: list[np.ndarray]) -> np.ndarray | None:
 
     The same sums in another order (``p = sq · (1/Σ sq)``, libm's log): agrees to about 1e-15.
     """
-    if not use_numba() or not spectra or spectra[0].shape[0] == 0:
-        return None
-    out = np.empty((spectra[0].shape[0], len(spectra)))
-    kernel = _kernels()["entropy_rows"]
-    for k, sq in enumerate(spectra):
-        kernel(np.ascontiguousarray(sq, dtype=np.float64), out, k)
-    return out
+    return _per_bond("entropy_rows", spectra)
 
 
 def local_truncation_errors(spectra: list[np.ndarray], ranks: np.ndarray) -> np.ndarray | None:
     """:func:`mpsd.core.spectra.local_truncation_errors` in one compiled loop per bond, or None."""
+    return _per_bond("tail_rows", spectra, np.ascontiguousarray(ranks, dtype=np.int64))
+
+
+def _per_bond(name: str, spectra: list[np.ndarray], *args: np.ndarray) -> np.ndarray | None:
+    """(B, n−1): column k from kernel ``name(spectra[k], *args, k, out)``; None without numba."""
     if not use_numba() or not spectra or spectra[0].shape[0] == 0:
         return None
     out = np.empty((spectra[0].shape[0], len(spectra)))
-    kernel = _kernels()["tail_rows"]
-    r = np.ascontiguousarray(ranks, dtype=np.int64)
+    kernel = _kernels()[name]
     for k, sq in enumerate(spectra):
-        kernel(np.ascontiguousarray(sq, dtype=np.float64), r, k, out)
+        kernel(np.ascontiguousarray(sq, dtype=np.float64), *args, k, out)
     return out
 
 
@@ -322,7 +320,7 @@ def tt_sweep(
 
     Parameters
     ----------
-    flat : ndarray of shape (B, prod d)
+    flat : ndarray of shape (B, prod d), B >= 1
         The tensors, flattened.
     sites : sequence of n int
     caps : ndarray of shape (B, n−1)
@@ -345,7 +343,7 @@ def tt_sweep(
     """
     b = flat.shape[0]
     n = len(sites)
-    store = [1, *(int(x) for x in caps.max(axis=0)), 1] if b else [1] * (n + 1)
+    store = [1, *(int(x) for x in caps.max(axis=0)), 1]
     sizes = [store[k] * sites[k] * store[k + 1] for k in range(n)]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     packed = np.empty((b, sum(sizes)))
@@ -364,7 +362,7 @@ def tt_sweep(
         np.ascontiguousarray(vectors, dtype=np.float64), MAX_QL_ITERATIONS, INVERSE_ITERATION_STEPS,
         np.asarray(store, dtype=np.int64), offsets, packed, ranks, err, bad,
     )
-    used = [1, *(int(x) for x in ranks.max(axis=0)), 1] if b else store
+    used = [1, *(int(x) for x in ranks.max(axis=0)), 1]
     cores = []
     for k in range(n):
         full = packed[:, offsets[k] : offsets[k] + sizes[k]].reshape(b, store[k], sites[k], store[k + 1])

@@ -859,6 +859,15 @@ def _tol_rank(vals, n, nl, v, thr):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def _identity_cores(packed, t0, nb, off, m, rs1):  # pragma: no cover - compiled
+    # the m×m identity as core (rows i, columns i < rs1) of tensors t0 … t0+nb−1, at packed[t, off:]
+    for v in range(nb):
+        row = packed[t0 + v]
+        for i in range(m):
+            row[U(off + i * rs1 + i)] = 1.0
+
+
+@njit(nogil=True, cache=True)
 def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, maxit, steps,
              rstore, offsets, packed, ranks, err, bad):  # pragma: no cover - compiled
     # a (B, N) float64 C-contiguous: the tensors, flattened.  sites (n,), caps (B, n−1) (each at
@@ -945,10 +954,8 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
                 skip = skip and (w == rows[v] * d if m <= p else w == p)
             if skip and m <= p:
                 # nothing to truncate on the left side: identity core, matrix unchanged
+                _identity_cores(packed, t0, nb, off, m, rs1)
                 for v in range(nb):
-                    row = packed[t0 + v]
-                    for i in range(m):
-                        row[U(off + i * rs1 + i)] = 1.0
                     ranks[t0 + v, k] = rows[v] * d
                     err[t0 + v, k] = 0.0
                     rows[v] = rows[v] * d
@@ -1031,10 +1038,8 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
                 kown = kown if basis_lane else max(kown, rv)
                 all_whole = all_whole and whole[v]
             if all_whole:
+                _identity_cores(packed, t0, nb, off, m, rs1)
                 for v in range(nb):
-                    row = packed[t0 + v]
-                    for i in range(m):
-                        row[U(off + i * rs1 + i)] = 1.0
                     rows[v] = r[v]
                 big = m
                 continue
@@ -1135,7 +1140,7 @@ def gram_rows(x, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def entropy_rows(sq, out, col):  # pragma: no cover - compiled
+def entropy_rows(sq, col, out):  # pragma: no cover - compiled
     # out[t, col] = −Σ_j p_j ln p_j with p_j = sq[t, j] / Σ sq[t] (terms with p_j = 0 left out;
     # an all-zero row gives 0): spectra.entanglement_entropy for one bond.
     b, m = sq.shape
