@@ -568,6 +568,55 @@ def test_fused_decode_equals_contract_then_round(numpy_only, cifar, dtype, stage
 
 
 @needs_numba
+@pytest.mark.parametrize("mode", ["bond", "tol"])
+def test_quantising_in_the_sweeps_buffer_equals_the_numpy_path_on_copies(numpy_only, cifar, mode):
+    # _store_cores balances the gauge in the buffer the compiled sweep returns its cores in
+    # (side by side; with --tol trimmed to the batch's ranks first), not in a packed copy
+    from mpsd.core.codec import _store_cores
+
+    kwargs = {"max_bonds": (4, 6, 6, 4)} if mode == "bond" else {"max_bonds": (4, 16, 16, 4), "tol": 0.08}
+    cores = tt_svd(_tensors(cifar, 40), **kwargs).cores
+    buffer = _kernels._side_by_side(cores)
+    assert buffer is not None and buffer.shape[1] == sum(c[0].size for c in cores)
+    if mode == "tol":
+        assert max(c.shape[3] for c in cores[:-1]) < 16  # trimmed: not the storage shape
+    copies = [c.copy() for c in cores]
+    numpy_only(True)
+    rq, rs = _store_cores([c.copy() for c in copies], "int8")
+    numpy_only(False)
+    fq, fs = _store_cores(cores, "int8")
+    np.testing.assert_array_equal(fs, rs)
+    for a, b in zip(fq, rq, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the gauge was balanced in place: the buffer changed, the MPS it holds did not
+    assert not all(np.array_equal(a, b) for a, b in zip(cores, copies, strict=True))
+    np.testing.assert_allclose(contract(cores), contract(copies), rtol=1e-12, atol=1e-12)
+
+
+@needs_numba
+def test_side_by_side_accepts_only_cores_that_fill_one_buffer_in_order():
+    b, sizes = 5, [(1, 4, 4), (4, 4, 6), (6, 4, 1)]
+    widths = [int(np.prod(s)) for s in sizes]
+    buffer = np.zeros((b, sum(widths)))
+    starts = np.cumsum([0, *widths[:-1]])
+    views = [buffer[:, o : o + w].reshape(b, *s) for o, w, s in zip(starts, widths, sizes, strict=True)]
+    assert _kernels._side_by_side(views) is buffer
+    assert _kernels._side_by_side([v.copy() for v in views]) is None  # separate arrays
+    assert _kernels._side_by_side(views[:2]) is None  # the buffer holds more than these cores
+    assert _kernels._side_by_side([views[1], views[0], views[2]]) is None  # out of order
+    wider = np.zeros((b, sum(widths) + 3))
+    gap = [wider[:, o + (k > 0) : o + (k > 0) + w].reshape(b, *s)  # a gap after the first core
+           for k, (o, w, s) in enumerate(zip(starts, widths, sizes, strict=True))]
+    assert _kernels._side_by_side(gap) is None
+    transposed = buffer.T.copy().T  # same values, Fortran order
+    assert _kernels._side_by_side([transposed[:, o : o + w].reshape(b, *s)
+                                   for o, w, s in zip(starts, widths, sizes, strict=True)]) is None
+    as32 = buffer.astype(np.float32)
+    assert _kernels._side_by_side([as32[:, o : o + w].reshape(b, *s)
+                                   for o, w, s in zip(starts, widths, sizes, strict=True)]) is None
+
+
+@needs_numba
 @pytest.mark.parametrize("which", ["cifar", "fashion"])
 def test_gauge_and_int8_quantisation_kernel_equals_the_numpy_path(numpy_only, cifar, fashion, which):
     from mpsd.core.codec import _store_cores

@@ -335,7 +335,8 @@ def tt_sweep(
     Returns
     -------
     cores : list of n ndarray
-        Core k of shape (B, R_{k−1}, d_k, R_k), R_k the largest rank of bond k in the batch.
+        Core k of shape (B, R_{k−1}, d_k, R_k), R_k the largest rank of bond k in the batch: views
+        of one (B, P) buffer, side by side (what ``gauge_quantize_int8(overwrite=True)`` uses).
     ranks, sweep_error : ndarray of shape (B, n−1)
     bad : ndarray of shape (B,), bool
         Tensors whose Gram matrices were not finite or whose eigenvalues did not converge: their
@@ -363,13 +364,19 @@ def tt_sweep(
         np.asarray(store, dtype=np.int64), offsets, packed, ranks, err, bad,
     )
     used = [1, *(int(x) for x in ranks.max(axis=0)), 1]
-    cores = []
-    for k in range(n):
-        full = packed[:, offsets[k] : offsets[k] + sizes[k]].reshape(b, store[k], sites[k], store[k + 1])
-        if used[k] == store[k] and used[k + 1] == store[k + 1]:
-            cores.append(full)  # the storage shape is the batch's: no copy (a view of packed)
-        else:
-            cores.append(np.ascontiguousarray(full[:, : used[k], :, : used[k + 1]]))
+    cores = [
+        packed[:, offsets[k] : offsets[k] + sizes[k]].reshape(b, store[k], sites[k], store[k + 1])
+        for k in range(n)
+    ]
+    if used != store:  # trimmed to the batch's ranks, again side by side in one buffer
+        trimmed = [used[k] * sites[k] * used[k + 1] for k in range(n)]
+        out = np.empty((b, sum(trimmed)))
+        start = 0
+        for k in range(n):
+            view = out[:, start : start + trimmed[k]].reshape(b, used[k], sites[k], used[k + 1])
+            view[...] = cores[k][:, : used[k], :, : used[k + 1]]
+            cores[k] = view
+            start += trimmed[k]
     return cores, ranks, err, bad
 
 
@@ -527,11 +534,22 @@ def contract_cores(cores: list[np.ndarray], scales: np.ndarray | None = None) ->
     return out
 
 
-def gauge_quantize_int8(cores: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray] | None:
+def gauge_quantize_int8(
+    cores: list[np.ndarray], *, overwrite: bool = False
+) -> tuple[list[np.ndarray], np.ndarray] | None:
     """Balance the gauge and quantise a batch of MPS to int8 in one compiled pass, or None.
 
     Bit for bit ``[quantize(c, "int8") for c in codec.balance_gauge(cores)]`` for finite cores:
     the same divisions, multiplications and rounding, per tensor while its cores are in cache.
+
+    Parameters
+    ----------
+    cores : list of ndarray
+        Core k of shape (B, R_{k-1}, d_k, R_k), float64.
+    overwrite : bool
+        The cores may be overwritten (as scipy's ``overwrite_a``): when they lie side by side in
+        one (B, P) buffer, as :func:`tt_sweep` returns them, the gauge is balanced in that buffer
+        instead of a packed copy.
 
     Returns
     -------
@@ -543,13 +561,46 @@ def gauge_quantize_int8(cores: list[np.ndarray]) -> tuple[list[np.ndarray], np.n
         return None
     b = cores[0].shape[0]
     sizes = [int(np.prod(c.shape[1:])) for c in cores]
-    packed = np.empty((b, sum(sizes)))
-    offsets = _pack(cores, None, packed, 0)
+    packed = _side_by_side(cores) if overwrite else None
+    if packed is not None:
+        offsets = [int(o) for o in np.cumsum([0, *sizes[:-1]])]
+    else:
+        packed = np.empty((b, sum(sizes)))
+        offsets = _pack(cores, None, packed, 0)
     q = np.empty((b, sum(sizes)), dtype=np.int8)
     scales = np.empty((b, len(cores)), dtype=np.float32)
     _kernels()["gauge_quantize"](packed, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64), q, scales)
     stored = [q[:, o : o + s].reshape(c.shape) for c, o, s in zip(cores, offsets, sizes, strict=True)]
     return stored, scales
+
+
+def _side_by_side(cores: list[np.ndarray]) -> np.ndarray | None:
+    """The (B, P) float64 buffer whose columns hold ``cores`` one after another, or None.
+
+    Core k must be the C-order view ``buffer[:, o_k : o_k + size_k]`` with o_0 = 0, each core
+    starting where the one before ends and the last ending at P (what :func:`tt_sweep` returns).
+    """
+    buffer = cores[0].base
+    while isinstance(buffer, np.ndarray) and buffer.base is not None and buffer.ndim != 2:
+        buffer = buffer.base
+    if not isinstance(buffer, np.ndarray) or buffer.ndim != 2 or buffer.dtype != np.float64:
+        return None
+    if not buffer.flags.c_contiguous or buffer.shape[0] != cores[0].shape[0]:
+        return None
+    start = buffer.__array_interface__["data"][0]
+    row = buffer.strides[0]
+    offset = 0
+    for c in cores:
+        size = int(np.prod(c.shape[1:]))
+        inner = tuple(int(x) for x in np.cumprod([8, *c.shape[:0:-1]])[:-1][::-1])
+        if (
+            c.dtype != np.float64
+            or c.__array_interface__["data"][0] != start + 8 * offset
+            or c.strides != (row, *inner)
+        ):
+            return None
+        offset += size
+    return buffer if offset == buffer.shape[1] else None
 
 
 def decode_rounded(

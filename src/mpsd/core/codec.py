@@ -184,10 +184,13 @@ def balance_gauge(cores: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _store_cores(cores: list[np.ndarray], dtype: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Cores as stored: int8 with a balanced gauge and per-core scales ((B, n) float32), or cast."""
+    """Cores as stored: int8 with a balanced gauge and per-core scales ((B, n) float32), or cast.
+
+    ``cores`` may be overwritten (they are the sweep's scratch).
+    """
     if dtype != "int8":
         return [quantize(c, dtype)[0] for c in cores], None
-    fast = _kernels.gauge_quantize_int8(cores)
+    fast = _kernels.gauge_quantize_int8(cores, overwrite=True)
     if fast is not None:
         return fast
     pairs = [quantize(c, dtype) for c in balance_gauge(cores)]
