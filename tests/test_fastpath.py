@@ -497,6 +497,71 @@ def test_encode_batch_fast_path_equals_reference_path(numpy_only, cifar, stages)
         np.testing.assert_allclose(sf.local_errors, sr.local_errors, rtol=1e-6, atol=1e-9)
 
 
+@needs_numba
+@pytest.mark.parametrize(
+    ("case", "stages", "dtype"),
+    [
+        ("cifar", [StageSpec(bonds=(4, 6, 6, 4))], "int8"),
+        ("cifar", [StageSpec(bonds=(4, 6, 6, 4)), StageSpec(bonds=(2, 2, 2, 2))], "int8"),
+        ("cifar", [StageSpec(tol=0.05)], "float32"),
+        ("padded", [StageSpec(bonds=(3, 5, 5, 3))], "int8"),  # 31×29 colour, padded to 32×30
+        ("cifar", [StageSpec(bonds=(1, 1, 1, 1))], "int8"),  # rows too short to compile: unfused path
+    ],
+)
+def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, case, stages, dtype):
+    # encode_batch(pixels=...) compares the last stage with the tensors and the images while each
+    # tensor is in cache; the numbers must be those of the stages' sum, computed independently
+    from mpsd.core.codec import Pixels
+    from mpsd.core.quantize import dequantize
+
+    if case == "cifar":
+        images = cifar["x_train"][:30]
+    else:
+        images = np.ascontiguousarray(cifar["x_train"][:30, :31, :29])
+        images[0] = 255  # a saturated image: clipping at the top
+    layout = choose_layout(*images.shape[1:])
+    assert case != "padded" or layout.padded_height * layout.padded_width > 31 * 29
+    tensors = layout.to_sites(images) / 255.0
+    pixels = Pixels(layout, 255)
+    fused = encode_batch(tensors, stages, dtype=dtype, pixels=pixels)
+    assert fused.reconstruction.shape == (len(tensors), 0)
+    assert fused.pixel_squared_error is not None and fused.pixel_squared_error.shape == (len(images),)
+    # independent reference: each stored stage dequantised and contracted one tensor at a time
+    total = sum(
+        np.stack([
+            contract_reference([dequantize(c[t : t + 1], None if st.scales is None else st.scales[t : t + 1, k])[0]
+                                for k, c in enumerate(st.cores)])
+            for t in range(len(tensors))
+        ])
+        for st in fused.stages
+    ).reshape(len(tensors), -1)
+    flat = tensors.reshape(len(tensors), -1)
+    np.testing.assert_allclose(fused.norm, np.linalg.norm(flat, axis=1), rtol=1e-13)
+    np.testing.assert_allclose(fused.error, np.linalg.norm(flat - total, axis=1), rtol=1e-9, atol=1e-12)
+    decoded = np.clip(np.rint(layout.from_sites(total) * 255), 0, 255)
+    expected = ((decoded - images) ** 2).reshape(len(images), -1).sum(axis=1)
+    np.testing.assert_array_equal(fused.pixel_squared_error, expected)  # integers (no x.5 within 1e-13 here)
+    assert expected.min() > 0  # the numbers are not trivially zero
+    # and what the unfused kernels give on the same stores (the sum, then its norms and pixels)
+    plain = encode_batch(tensors, stages, dtype=dtype)
+    for a, b in zip(fused.stages[-1].cores, plain.stages[-1].cores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(fused.error, _kernels.norms_and_distances(flat, plain.reconstruction)[1], rtol=1e-12)
+    np.testing.assert_array_equal(
+        fused.pixel_squared_error, _kernels.pixel_squared_error(plain.reconstruction, images, layout, 255)
+    )
+    # without numba: the same numbers through the numpy path (its own stores)
+    numpy_only(True)
+    ref = encode_batch(tensors, stages, dtype=dtype, pixels=pixels)
+    numpy_only(False)
+    assert ref.reconstruction.shape == (len(tensors), 0) and ref.pixel_squared_error is not None
+    ref_total = sum(contract([dequantize(c, None if st.scales is None else st.scales[:, k]) for k, c in enumerate(st.cores)])
+                    for st in ref.stages)
+    np.testing.assert_allclose(ref.error, np.linalg.norm(flat - ref_total, axis=1), rtol=1e-9, atol=1e-12)
+    ref_decoded = np.clip(np.rint(layout.from_sites(ref_total) * 255), 0, 255)
+    np.testing.assert_array_equal(ref.pixel_squared_error, ((ref_decoded - images) ** 2).reshape(len(images), -1).sum(axis=1))
+
+
 # ---------------------------------------------------------------- folding images
 @needs_numba
 @pytest.mark.parametrize("order", ["quadtree", "row"])

@@ -15,7 +15,7 @@ from mpsd.archive.format import IMAGE_DTYPES, StageMeta, StoreMeta
 from mpsd.archive.reader import Archive
 from mpsd.archive.writer import StoreWriter, source_crc32c
 from mpsd.core import _kernels
-from mpsd.core.codec import EncodedBatch, StageSpec, encode_batch
+from mpsd.core.codec import EncodedBatch, Pixels, StageSpec, encode_batch
 from mpsd.core.layout import SiteLayout, choose_layout
 from mpsd.core.quantize import check_storage_dtype
 from mpsd.core.ttsvd import check_bonds
@@ -108,16 +108,16 @@ def _encode_images(
     """Encode (B, H, W, C) integer images; returns the batch and each image's squared pixel error.
 
     The batch comes back without its ``reconstruction`` (an empty (B·M, 0) array): only the
-    squared pixel error is needed from it, and dropping it keeps a chunk's memory small.  Without
-    ``metrics`` none of the numbers are computed and the squared errors are NaN.
+    squared pixel error is needed from it, computed while each tensor is in cache, and a chunk's
+    memory stays small.  Without ``metrics`` none of the numbers are computed and the squared
+    errors are NaN.
     """
     tensors = _kernels.fold_scaled(images, layout, max_value)  # layout.to_sites(images) / max_value
-    batch = encode_batch(tensors, stages, dtype=dtype, metrics=metrics)
+    batch = encode_batch(tensors, stages, dtype=dtype, metrics=metrics, pixels=Pixels(layout, max_value))
     if not metrics:
         return batch, np.full(images.shape[0], np.nan)
-    sq_error = _kernels.pixel_squared_error(batch.reconstruction, images, layout, max_value)
-    batch.reconstruction = np.empty((batch.reconstruction.shape[0], 0))  # not a view: frees the array
-    return batch, sq_error
+    assert batch.pixel_squared_error is not None
+    return batch, batch.pixel_squared_error
 
 
 def _split_chunk(block: np.ndarray, specs: Sequence[StageSpec], n_workers: int) -> list[np.ndarray]:
@@ -169,6 +169,8 @@ def _concat_batches(parts: list[EncodedBatch]) -> EncodedBatch:
         norm=np.concatenate([p.norm for p in parts]),
         error=np.concatenate([p.error for p in parts]),
         reconstruction=np.concatenate([p.reconstruction for p in parts]),
+        pixel_squared_error=None if any(p.pixel_squared_error is None for p in parts)
+        else np.concatenate([p.pixel_squared_error for p in parts]),  # type: ignore[misc]
     )
 
 

@@ -17,6 +17,8 @@ replace it:
 * :func:`qr` — Householder QR of a batch of small tall matrices.
 * :func:`contract_cores`, :func:`decode_rounded` — contraction of a batch of MPS from both ends
   (``decode_rounded`` also sums the stages and rounds each tensor into its image in the same pass).
+* :func:`stage_errors` — the metrics of a batch's last stage (its contraction compared with the
+  tensors and their images in the same pass).
 * :func:`gauge_quantize_int8` — gauge balancing and int8 quantisation of a batch of MPS.
 * :func:`fold_scaled`, :func:`pixel_squared_error`, :func:`unfold_rounded` — images to site
   tensors and back in one pass each.
@@ -109,6 +111,9 @@ def _kernels() -> dict[str, Any]:
                                       np.empty((1, 2), dtype=np.int8), np.empty((1, 2), dtype=np.float32))
                     nb.contract_packed(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
                                        np.array([1, 1, 1]), 1, np.empty((1, 1)))
+                    nb.contract_errors(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]), np.array([1, 1, 1]), 1,
+                                       np.zeros((1, 1)), False, np.zeros((1, 1)), np.zeros(1, dtype=np.int64),
+                                       255.0, np.empty(1), np.empty(1), np.zeros(1))
                     ix = np.zeros(2, dtype=np.int64)
                     for dt in (np.uint8, np.uint16):
                         im = np.zeros((1, 2), dtype=dt)
@@ -138,6 +143,7 @@ def _kernels() -> dict[str, Any]:
                     "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
+                    "contract_errors": nb.contract_errors,
                     "gauge_quantize": nb.gauge_quantize,
                     "pack_rows": nb.pack_rows, "pack_scaled": nb.pack_scaled, "unpack_rows": nb.unpack_rows,
                     "decode_round_rows": nb.decode_round_rows,
@@ -532,6 +538,62 @@ def contract_cores(cores: list[np.ndarray], scales: np.ndarray | None = None) ->
     out = np.empty((b, int(np.prod(dims))))
     _kernels()["contract_packed"](packed, offsets, dims, ranks, split, out)
     return out
+
+
+def stage_errors(
+    cores: list[np.ndarray],
+    scales: np.ndarray | None,
+    previous: np.ndarray | None,
+    flat: np.ndarray,
+    layout: Any,
+    max_value: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The numbers of a batch's last stage in one compiled pass, without the stages' sum.
+
+    With ``total = contract_stored(cores, scales) (+ previous)``, returns what
+    :func:`norms_and_distances` ``(flat, total)`` and :func:`pixel_squared_error`
+    ``(total, images, layout, max_value)`` return for the integer images ``flat`` was folded
+    from (``fold_scaled(images, layout, max_value)``): the squared errors exactly, the norms to
+    rounding.  Each tensor is contracted into the cache and compared there; the images are read
+    back from ``flat`` (``rint(flat·max_value)`` is every pixel exactly).  None when numba is not
+    used or the cores have shapes the compiled contraction does not take (:func:`contract_cores`
+    returns None for them).
+
+    Parameters
+    ----------
+    cores : list of ndarray
+        Stored cores of the last stage, core k of shape (B·M, R_{k-1}, d_k, R_k).
+    scales : ndarray of shape (B·M, n), or None
+    previous : ndarray of shape (B·M, P), or None
+        The earlier stages' sum, as stored.
+    flat : ndarray of shape (B·M, P)
+        The tensors encoded, P = prod d: B images folded by ``layout`` (M tensors each) and
+        divided by ``max_value``.
+
+    Returns
+    -------
+    norm, dist : ndarray of shape (B·M,)
+    squared_error : ndarray of shape (B,)
+    """
+    if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
+        return None
+    plan = _contract_plan([c.shape for c in cores])
+    if plan is None:
+        return None
+    dims, ranks, split = plan
+    b = cores[0].shape[0]
+    if b % layout.mps_per_image or flat.shape != (b, dims.prod()) or dims.prod() != layout.pixels_per_mps:
+        raise ValueError(f"{b} tensors of {flat.shape[1:]} are not images folded by {layout}")
+    packed = np.empty((b, sum(int(np.prod(c.shape[1:])) for c in cores)))
+    offsets = np.array(_pack(cores, scales, packed, 0), dtype=np.int64)
+    flat = np.ascontiguousarray(flat, dtype=np.float64)
+    norm, dist, sq = np.empty(b), np.empty(b), np.zeros(b // layout.mps_per_image)
+    _kernels()["contract_errors"](
+        packed, offsets, dims, ranks, split,
+        flat if previous is None else np.ascontiguousarray(previous, dtype=np.float64), previous is not None,
+        flat, site_index(layout), float(max_value), norm, dist, sq,
+    )
+    return norm, dist, sq
 
 
 def gauge_quantize_int8(

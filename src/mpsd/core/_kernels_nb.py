@@ -1523,6 +1523,67 @@ def decode_round(packed, offsets, dims, ranks, splits, idx, max_value, out):  # 
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _pixel_differences(a, oa, b, idx, o, q, max_value, out):  # pragma: no cover - compiled
+    # out[j] = clip(rint(b_j·max), 0, max) − rint(a_j·max), 0 where idx[o + j] < 0 (padding), for
+    # a = a[oa: oa+q]: the rounded b against the integer image a was folded from (a_j is a pixel
+    # divided by max, correctly rounded, so rint(a_j·max) is that pixel exactly).  No fastmath:
+    # it would fold _rint_small's trick away.
+    for j in range(q):
+        x = min(max(_rint_small(b[U(j)] * max_value), 0.0), max_value) - _rint_small(a[oa + U(j)] * max_value)
+        out[U(j)] = x if idx[o + U(j)] >= 0 else 0.0
+
+
+@njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
+def _three_sums(a, oa, b, c, q):  # pragma: no cover - compiled
+    # (‖a[oa: oa+q]‖², ‖a[oa: oa+q] − b[:q]‖², ‖c[:q]‖²) in one vector loop.  Not inlined into
+    # its caller on purpose: numba's inlining would drop these fastmath flags, and the loop with
+    # them (a reordered sum) is 5× faster.  c holds integers, so its sum is exact in any order.
+    sa = 0.0
+    sd = 0.0
+    sc = 0.0
+    for j in range(q):
+        x = a[oa + U(j)]
+        y = x - b[U(j)]
+        z = c[U(j)]
+        sa += x * x
+        sd += y * y
+        sc += z * z
+    return sa, sd, sc
+
+
+@njit(nogil=True, cache=True)
+def contract_errors(packed, offsets, dims, ranks, split, prev, has_prev, flat, idx, max_value,
+                    norm, dist, sq):  # pragma: no cover - compiled
+    # The metrics of a batch's last stage without its (B, q) sum: tensor t of packed (cores at
+    # offsets, as contract_packed) is contracted and prev[t] added (has_prev: the earlier stages'
+    # sum, as stored), then compared while it is in cache with the tensor it encodes, flat[t]
+    # (norm[t] = ‖flat[t]‖, dist[t] = ‖flat[t] − total‖), and with the image flat was folded
+    # from (M tensors per image, idx as site_index, < 0 for padding): sq[t // M] += the squared
+    # error of its rounded pixels (_pixel_differences; sq zeroed by the caller).  total is bit for
+    # bit contract_packed's, plus prev.
+    nb = packed.shape[0]
+    n = dims.shape[0]
+    q = flat.shape[1]
+    m_per = idx.shape[0] // q
+    la, lb, ra, rb = _contract_scratch(dims, ranks, split)
+    pf = packed.reshape(packed.size)
+    ff = flat.reshape(flat.size)
+    p = packed.shape[1]
+    total = np.empty(q)
+    diff = np.empty(q)
+    for t in range(nb):
+        _contract_one(pf, U(t * p), offsets, dims, ranks, split, n, la, lb, ra, rb, total, U(0))
+        if has_prev:
+            for j in range(q):
+                total[U(j)] = prev[U(t), U(j)] + total[U(j)]
+        _pixel_differences(ff, U(t * q), total, idx, U((t % m_per) * q), q, max_value, diff)
+        sa, sd, se = _three_sums(ff, U(t * q), total, diff, q)
+        norm[U(t)] = math.sqrt(sa)
+        dist[U(t)] = math.sqrt(sd)
+        sq[U(t // m_per)] += se
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _abs_peak(x, o, m):  # pragma: no cover - compiled
     # max |x[o : o + m]| (0 for m = 0; NaN entries are skipped).  Four running maxima: a single
     # one is a serial chain of compares that LLVM does not turn into a vector loop (3.5× slower

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,25 @@ class EncodedStage:
     bound: np.ndarray
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """How a batch's tensors were made from integer images, for the squared pixel error.
+
+    The tensors are ``layout.to_sites(images) / max_value``; every pixel is then
+    ``rint(tensor entry · max_value)`` exactly, so the images themselves are not needed.
+
+    Parameters
+    ----------
+    layout : SiteLayout
+        The batch holds ``N · layout.mps_per_image`` tensors of N images.
+    max_value : int
+        The pixel value that became 1.0.
+    """
+
+    layout: Any
+    max_value: int
+
+
 @dataclass
 class EncodedBatch:
     """Every stage of a batch plus the per-tensor numbers the paper defines.
@@ -93,7 +113,9 @@ class EncodedBatch:
     error : ndarray of shape (B,)
         ``‖S − Σ stages‖_F`` of the stored (dequantised) stages.
     reconstruction : ndarray of shape (B, prod d)
-        ``Σ stages`` as decoded from what is stored.
+        ``Σ stages`` as decoded from what is stored; shape (B, 0) when ``pixels`` were given.
+    pixel_squared_error : ndarray of shape (N,), or None
+        With ``pixels``: per image ``Σ (clip(rint(Σ stages · max)) − image)²`` over its pixels.
     """
 
     stages: list[EncodedStage]
@@ -101,6 +123,7 @@ class EncodedBatch:
     norm: np.ndarray
     error: np.ndarray
     reconstruction: np.ndarray
+    pixel_squared_error: np.ndarray | None = None
 
 
 def _consistent(ranks: np.ndarray, sites: Sequence[int]) -> np.ndarray:
@@ -203,6 +226,7 @@ def encode_batch(
     *,
     dtype: str = "int8",
     metrics: bool = True,
+    pixels: Pixels | None = None,
 ) -> EncodedBatch:
     """Encode a batch with one or more stages.
 
@@ -219,6 +243,11 @@ def encode_batch(
         stored for decoding: no spectra of the unfoldings beyond what the truncation needs and no
         contraction of the last stage; ``entropy``, ``local_errors``, ``bound``, ``norm`` and
         ``error`` are then NaN and ``reconstruction`` is empty, shape (B, 0).
+    pixels : Pixels, optional
+        How the tensors were folded from integer images: with ``metrics``, also the squared
+        pixel error of every image (``pixel_squared_error``), and no ``reconstruction`` (the last
+        stage is contracted and compared one tensor at a time, in cache, where numba is
+        available).
 
     Returns
     -------
@@ -231,6 +260,7 @@ def encode_batch(
     total: np.ndarray | None = None  # Σ of the stages so far, as stored (None before the first)
     encoded: list[EncodedStage] = []
     entropy = np.full((b, n1), np.nan)
+    fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the last stage's numbers
     for i, spec in enumerate(stages):
         target = s if total is None else (flat - total).reshape(s.shape)
         caps: np.ndarray | tuple[int, ...] = spec.max_bonds(sites)
@@ -245,7 +275,10 @@ def encode_batch(
         tt = tt_svd(target, max_bonds=caps, tol=spec.tol, left_basis=basis)
         local = local_truncation_errors(spectra, tt.ranks) if metrics and spectra is not None else np.full((b, n1), np.nan)
         stored, scales = _store_cores(tt.cores, dtype)
-        if metrics or i + 1 < len(stages):  # the last stage's sum is only needed for the numbers
+        last = i + 1 == len(stages)
+        if metrics and last and pixels is not None:
+            fused = _kernels.stage_errors(stored, scales, total, flat, pixels.layout, pixels.max_value)
+        if fused is None and (metrics or not last):  # the last stage's sum is only needed for the numbers
             part = contract_stored(stored, scales)
             total = part if total is None else total + part
         encoded.append(
@@ -260,10 +293,19 @@ def encode_batch(
     if not metrics:
         nan = np.full(b, np.nan)
         return EncodedBatch(stages=encoded, entropy=entropy, norm=nan, error=nan, reconstruction=np.empty((b, 0)))
+    if fused is not None:
+        norm, error, sq_error = fused
+        return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error,
+                            reconstruction=np.empty((b, 0)), pixel_squared_error=sq_error)
     if total is None:  # no stages at all: nothing is stored, the error is the whole tensor
         total = np.zeros_like(flat)
     norm, error = _kernels.norms_and_distances(flat, total)
-    return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
+    if pixels is None:
+        return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
+    images = np.rint(pixels.layout.from_sites(flat) * pixels.max_value).astype(np.int64)  # exactly the pixels
+    sq_error = _kernels.pixel_squared_error(total, images, pixels.layout, pixels.max_value)
+    return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error,
+                        reconstruction=np.empty((b, 0)), pixel_squared_error=sq_error)
 
 
 def decode_stages(
