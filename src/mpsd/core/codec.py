@@ -302,10 +302,22 @@ def encode_batch(
     norm, error = _kernels.norms_and_distances(flat, total)
     if pixels is None:
         return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
-    images = np.rint(pixels.layout.from_sites(flat) * pixels.max_value).astype(np.int64)  # exactly the pixels
-    sq_error = _kernels.pixel_squared_error(total, images, pixels.layout, pixels.max_value)
     return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error,
-                        reconstruction=np.empty((b, 0)), pixel_squared_error=sq_error)
+                        reconstruction=np.empty((b, 0)), pixel_squared_error=_pixel_squared_error(total, flat, pixels))
+
+
+def _pixel_squared_error(total: np.ndarray, flat: np.ndarray, pixels: Pixels) -> np.ndarray:
+    """Per image ``Σ (clip(rint(total·max), 0, max) − pixel)²``, in site order (numpy).
+
+    ``flat`` (B·M, P) holds the pixels divided by ``max``, so ``rint(flat·max)`` is every pixel
+    exactly; padding entries (:func:`mpsd.core._kernels.site_index` < 0) are left out.
+    """
+    top = float(pixels.max_value)
+    diff = np.clip(np.rint(total * top), 0.0, top) - np.rint(flat * top)
+    m = pixels.layout.mps_per_image
+    diff = diff.reshape(-1, m * diff.shape[1])  # one row per image
+    diff[:, _kernels.site_index(pixels.layout) < 0] = 0.0
+    return np.einsum("ip,ip->i", diff, diff)
 
 
 def decode_stages(
