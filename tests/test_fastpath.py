@@ -505,10 +505,11 @@ def test_encode_batch_fast_path_equals_reference_path(numpy_only, cifar, stages)
         ("cifar", [StageSpec(bonds=(4, 6, 6, 4)), StageSpec(bonds=(2, 2, 2, 2))], "int8"),
         ("cifar", [StageSpec(tol=0.05)], "float32"),
         ("padded", [StageSpec(bonds=(3, 5, 5, 3))], "int8"),  # 31×29 colour, padded to 32×30
-        ("cifar", [StageSpec(bonds=(1, 1, 1, 1))], "int8"),  # rows too short to compile: unfused path
+        ("cifar", [StageSpec(bonds=(1, 1, 1, 1))], "int8"),  # rank-1 cores
+        ("fashion", [StageSpec(bonds=(2, 6, 5, 2))], "int8"),  # grey 2,4,7,7,2: unfused path, one MPS per image
     ],
 )
-def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, case, stages, dtype):
+def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, fashion, case, stages, dtype):
     # encode_batch(pixels=...) compares the last stage with the tensors and the images while each
     # tensor is in cache; the numbers must be those of the stages' sum, computed independently
     from mpsd.core.codec import Pixels
@@ -516,6 +517,8 @@ def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, 
 
     if case == "cifar":
         images = cifar["x_train"][:30]
+    elif case == "fashion":
+        images = fashion["x_train"][:30, :, :, None]
     else:
         images = np.ascontiguousarray(cifar["x_train"][:30, :31, :29])
         images[0] = 255  # a saturated image: clipping at the top
@@ -543,6 +546,7 @@ def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, 
     np.testing.assert_array_equal(fused.pixel_squared_error, expected)  # integers (no x.5 within 1e-13 here)
     assert expected.min() > 0  # the numbers are not trivially zero
     # and what the unfused kernels give on the same stores (the sum, then its norms and pixels)
+    assert (_kernels._contract_plan([c.shape for c in fused.stages[-1].cores]) is None) == (case == "fashion")
     plain = encode_batch(tensors, stages, dtype=dtype)
     for a, b in zip(fused.stages[-1].cores, plain.stages[-1].cores, strict=True):
         np.testing.assert_array_equal(a, b)

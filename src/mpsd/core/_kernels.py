@@ -111,6 +111,8 @@ def _kernels() -> dict[str, Any]:
                                       np.empty((1, 2), dtype=np.int8), np.empty((1, 2), dtype=np.float32))
                     nb.contract_packed(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]),
                                        np.array([1, 1, 1]), 1, np.empty((1, 1)))
+                    nb.errors_rows(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.int64), 255.0,
+                                   np.empty(1), np.empty(1), np.zeros(1))
                     nb.contract_errors(np.ones((1, 2)), np.array([0, 1]), np.array([1, 1]), np.array([1, 1, 1]), 1,
                                        np.zeros((1, 1)), False, np.zeros((1, 1)), np.zeros(1, dtype=np.int64),
                                        255.0, np.empty(1), np.empty(1), np.zeros(1))
@@ -143,7 +145,7 @@ def _kernels() -> dict[str, Any]:
                     "gather_table": nb.gather_table,
                     "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
-                    "contract_errors": nb.contract_errors,
+                    "contract_errors": nb.contract_errors, "errors_rows": nb.errors_rows,
                     "gauge_quantize": nb.gauge_quantize,
                     "pack_rows": nb.pack_rows, "pack_scaled": nb.pack_scaled, "unpack_rows": nb.unpack_rows,
                     "decode_round_rows": nb.decode_round_rows,
@@ -594,6 +596,34 @@ def stage_errors(
         flat, site_index(layout), float(max_value), norm, dist, sq,
     )
     return norm, dist, sq
+
+
+def errors_against_pixels(
+    flat: np.ndarray, total: np.ndarray, layout: Any, max_value: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`stage_errors` for a sum that is already there: ``total`` (B·M, P), float64.
+
+    Returns ``‖flat_t‖``, ``‖flat_t − total_t‖`` (B·M,) and per image ``Σ (clip(rint(total·max),
+    0, max) − pixel)²`` (B,), the pixels read back from ``flat`` as ``rint(flat·max)`` (exactly
+    them), padding entries (:func:`site_index` < 0) left out.
+    """
+    b, q = flat.shape
+    m = layout.mps_per_image
+    if b % m or total.shape != flat.shape or q != layout.pixels_per_mps:
+        raise ValueError(f"{b} tensors of {flat.shape[1:]} are not images folded by {layout}")
+    if use_numba():
+        norm, dist, sq = np.empty(b), np.empty(b), np.zeros(b // m)
+        _kernels()["errors_rows"](
+            np.ascontiguousarray(flat, dtype=np.float64), np.ascontiguousarray(total, dtype=np.float64),
+            site_index(layout), float(max_value), norm, dist, sq,
+        )
+        return norm, dist, sq
+    norm, dist = norms_and_distances(flat, total)
+    top = float(max_value)
+    diff = np.clip(np.rint(total * top), 0.0, top) - np.rint(flat * top)
+    diff = diff.reshape(b // m, m * q)  # one row per image
+    diff[:, site_index(layout) < 0] = 0.0
+    return norm, dist, np.einsum("ip,ip->i", diff, diff)
 
 
 def gauge_quantize_int8(

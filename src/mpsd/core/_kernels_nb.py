@@ -1562,6 +1562,28 @@ def _three_sums(a, oa, b, c, q):  # pragma: no cover - compiled
     return sa, sd, sc
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _compare(ff, t, q, m_per, row, idx, max_value, diff, norm, dist, sq):  # pragma: no cover - compiled
+    # tensor t (ff[t*q:]) against row, its reconstruction: norm[t], dist[t], and its squared pixel
+    # error added to its image's sq[t // m_per]
+    _pixel_differences(ff, U(t * q), row, idx, U((t % m_per) * q), q, max_value, diff)
+    sa, sd, se = _three_sums(ff, U(t * q), row, diff, q)
+    norm[U(t)] = math.sqrt(sa)
+    dist[U(t)] = math.sqrt(sd)
+    sq[U(t // m_per)] += se
+
+
+@njit(nogil=True, cache=True)
+def errors_rows(flat, total, idx, max_value, norm, dist, sq):  # pragma: no cover - compiled
+    # contract_errors for a sum that is already there: total (B, q) C-contiguous.
+    nb, q = flat.shape
+    m_per = idx.shape[0] // q
+    ff = flat.reshape(flat.size)
+    diff = np.empty(q)
+    for t in range(nb):
+        _compare(ff, t, q, m_per, total[t], idx, max_value, diff, norm, dist, sq)
+
+
 @njit(nogil=True, cache=True)
 def contract_errors(packed, offsets, dims, ranks, split, prev, has_prev, flat, idx, max_value,
                     norm, dist, sq):  # pragma: no cover - compiled
@@ -1587,11 +1609,7 @@ def contract_errors(packed, offsets, dims, ranks, split, prev, has_prev, flat, i
         if has_prev:
             for j in range(q):
                 total[U(j)] = prev[U(t), U(j)] + total[U(j)]
-        _pixel_differences(ff, U(t * q), total, idx, U((t % m_per) * q), q, max_value, diff)
-        sa, sd, se = _three_sums(ff, U(t * q), total, diff, q)
-        norm[U(t)] = math.sqrt(sa)
-        dist[U(t)] = math.sqrt(sd)
-        sq[U(t // m_per)] += se
+        _compare(ff, t, q, m_per, total, idx, max_value, diff, norm, dist, sq)
 
 
 @njit(nogil=True, cache=True, inline="always")

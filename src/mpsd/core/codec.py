@@ -299,25 +299,12 @@ def encode_batch(
                             reconstruction=np.empty((b, 0)), pixel_squared_error=sq_error)
     if total is None:  # no stages at all: nothing is stored, the error is the whole tensor
         total = np.zeros_like(flat)
-    norm, error = _kernels.norms_and_distances(flat, total)
     if pixels is None:
+        norm, error = _kernels.norms_and_distances(flat, total)
         return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error, reconstruction=total)
+    norm, error, sq_error = _kernels.errors_against_pixels(flat, total, pixels.layout, pixels.max_value)
     return EncodedBatch(stages=encoded, entropy=entropy, norm=norm, error=error,
-                        reconstruction=np.empty((b, 0)), pixel_squared_error=_pixel_squared_error(total, flat, pixels))
-
-
-def _pixel_squared_error(total: np.ndarray, flat: np.ndarray, pixels: Pixels) -> np.ndarray:
-    """Per image ``Σ (clip(rint(total·max), 0, max) − pixel)²``, in site order (numpy).
-
-    ``flat`` (B·M, P) holds the pixels divided by ``max``, so ``rint(flat·max)`` is every pixel
-    exactly; padding entries (:func:`mpsd.core._kernels.site_index` < 0) are left out.
-    """
-    top = float(pixels.max_value)
-    diff = np.clip(np.rint(total * top), 0.0, top) - np.rint(flat * top)
-    m = pixels.layout.mps_per_image
-    diff = diff.reshape(-1, m * diff.shape[1])  # one row per image
-    diff[:, _kernels.site_index(pixels.layout) < 0] = 0.0
-    return np.einsum("ip,ip->i", diff, diff)
+                        reconstruction=np.empty((b, 0)), pixel_squared_error=sq_error)
 
 
 def decode_stages(
