@@ -202,7 +202,7 @@ def test_eigh_result_does_not_depend_on_the_batch_it_is_in(cifar):
 
 # ---------------------------------------------------------------- small linear algebra
 @needs_numba
-@pytest.mark.parametrize("shape", [(9, 16, 64), (5, 4, 256), (3, 1, 7), (4, 7, 7)])
+@pytest.mark.parametrize("shape", [(9, 16, 64), (5, 4, 256), (6, 8, 98), (3, 12, 13), (3, 1, 7), (4, 7, 7)])
 def test_gram_rows_matches_matmul(numpy_only, shape):
     m = np.random.default_rng(8).normal(size=shape)
     g, g0 = both(numpy_only, lambda: _kernels.gram_rows(m))
