@@ -64,7 +64,7 @@ def _timed(owner: Any, name: str, label: str) -> Any:
 
 
 def _instrument() -> None:
-    for name in ("eigh_desc", "gram_rows", "fold_scaled", "pixel_squared_error", "norms_and_distances",
+    for name in ("eigh_desc", "gram_rows", "fold_scaled", "errors_against_pixels", "norms_and_distances",
                  "contract_cores", "gauge_quantize_int8", "stage_errors"):
         _timed(_kernels, name, f"kernel {name}")
     codec.spectra_and_left_basis = _timed(spectra, "spectra_and_left_basis", "spectra of the unfoldings")

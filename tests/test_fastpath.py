@@ -551,9 +551,7 @@ def test_last_stage_metrics_in_one_pass_equal_the_plain_path(numpy_only, cifar, 
     for a, b in zip(fused.stages[-1].cores, plain.stages[-1].cores, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(fused.error, _kernels.norms_and_distances(flat, plain.reconstruction)[1], rtol=1e-12)
-    np.testing.assert_array_equal(
-        fused.pixel_squared_error, _kernels.pixel_squared_error(plain.reconstruction, images, layout, 255)
-    )
+    np.testing.assert_array_equal(fused.pixel_squared_error, _kernels.errors_against_pixels(flat, plain.reconstruction, layout, 255)[2])
     # without numba: the same numbers through the numpy path (its own stores)
     numpy_only(True)
     ref = encode_batch(tensors, stages, dtype=dtype, pixels=pixels)
@@ -582,8 +580,14 @@ def test_folding_kernels_equal_the_layout(numpy_only, order, colour, shape, dtyp
     np.testing.assert_array_equal(fast, layout.to_sites(images) / top)
     recon = fast.reshape(fast.shape[0], -1) + rng.normal(scale=0.01, size=(fast.shape[0], fast[0].size))
     recon[0, :5] = [-0.2, 1.3, 0.5 / top, 1.5 / top, 0.0]  # clipping and rounding ties
-    fast, ref = both(numpy_only, lambda: _kernels.pixel_squared_error(recon, images, layout, top))
-    np.testing.assert_array_equal(fast, ref)
+    tensors = fast.reshape(recon.shape)
+    fast, ref = both(numpy_only, lambda: _kernels.errors_against_pixels(tensors, recon, layout, top))
+    decoded = np.clip(np.rint(layout.from_sites(recon) * top), 0, top)
+    sq = ((decoded - images) ** 2).reshape(len(images), -1).sum(axis=1)  # independent: in pixel space
+    for got in (fast, ref):
+        np.testing.assert_array_equal(got[2], sq)
+        np.testing.assert_allclose(got[0], np.linalg.norm(tensors, axis=1), rtol=1e-13)
+        np.testing.assert_allclose(got[1], np.linalg.norm(tensors - recon, axis=1), rtol=1e-12)
     fast, ref = both(numpy_only, lambda: _kernels.unfold_rounded(recon, layout, top, images.dtype))
     np.testing.assert_array_equal(fast, ref)
     assert fast.dtype == images.dtype

@@ -20,8 +20,7 @@ replace it:
 * :func:`stage_errors` — the metrics of a batch's last stage (its contraction compared with the
   tensors and their images in the same pass).
 * :func:`gauge_quantize_int8` — gauge balancing and int8 quantisation of a batch of MPS.
-* :func:`fold_scaled`, :func:`pixel_squared_error`, :func:`unfold_rounded` — images to site
-  tensors and back in one pass each.
+* :func:`fold_scaled`, :func:`unfold_rounded` — images to site tensors and back in one pass each.
 * :func:`pack_rows`, :func:`unpack_rows` — cores to the row-packed storage layout and back
   (:mod:`mpsd.core.packing`).
 
@@ -121,7 +120,6 @@ def _kernels() -> dict[str, Any]:
                         im = np.zeros((1, 2), dtype=dt)
                         nb.gather_scale(im, ix, 255.0, np.empty((1, 2)))
                         nb.gather_table(im, ix, _scale_table(255, 255), np.empty((1, 2)))  # read-only, as used
-                        nb.squared_error(np.zeros((1, 2)), im, ix, 255.0, np.empty(1))
                         nb.scatter_round(np.zeros((1, 2)), ix, 255.0, im)
                         nb.decode_round(np.ones((1, 2)), np.array([[0, 1]]), np.array([1, 1]),
                                         np.array([[1, 1, 1]]), np.array([1]), ix, 255.0, im)
@@ -143,7 +141,7 @@ def _kernels() -> dict[str, Any]:
                     "entropy_rows": nb.entropy_rows, "tail_rows": nb.tail_rows, "tt_sweep": nb.tt_sweep,
                     "norms_and_distances": nb.norms_and_distances, "gather_scale": nb.gather_scale,
                     "gather_table": nb.gather_table,
-                    "squared_error": nb.squared_error, "scatter_round": nb.scatter_round,
+                    "scatter_round": nb.scatter_round,
                     "contract_packed": nb.contract_packed, "decode_round": nb.decode_round,
                     "contract_errors": nb.contract_errors, "errors_rows": nb.errors_rows,
                     "gauge_quantize": nb.gauge_quantize,
@@ -528,18 +526,31 @@ def contract_cores(cores: list[np.ndarray], scales: np.ndarray | None = None) ->
     with ``scales`` ((B, n), int8 storage) core k is first multiplied by ``scales[:, k]``, exactly
     as :func:`mpsd.core.quantize.dequantize` does, while it is copied in.
     """
+    ready = _packed_for_contraction(cores, scales)
+    if ready is None:
+        return None
+    packed, offsets, dims, ranks, split = ready
+    out = np.empty((packed.shape[0], int(np.prod(dims))))
+    _kernels()["contract_packed"](packed, offsets, dims, ranks, split, out)
+    return out
+
+
+def _packed_for_contraction(
+    cores: list[np.ndarray], scales: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """``(packed, offsets, dims, ranks, split)`` for the compiled contraction, or None.
+
+    None when numba is not used, the batch is empty or :func:`_contract_plan` declines the shapes;
+    otherwise the cores dequantised side by side (:func:`_pack`) with their column offsets.
+    """
     if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
         return None
     plan = _contract_plan([c.shape for c in cores])
     if plan is None:
         return None
-    dims, ranks, split = plan
-    b = cores[0].shape[0]
-    packed = np.empty((b, sum(int(np.prod(c.shape[1:])) for c in cores)))
+    packed = np.empty((cores[0].shape[0], sum(int(np.prod(c.shape[1:])) for c in cores)))
     offsets = np.array(_pack(cores, scales, packed, 0), dtype=np.int64)
-    out = np.empty((b, int(np.prod(dims))))
-    _kernels()["contract_packed"](packed, offsets, dims, ranks, split, out)
-    return out
+    return (packed, offsets, *plan)
 
 
 def stage_errors(
@@ -553,10 +564,9 @@ def stage_errors(
     """The numbers of a batch's last stage in one compiled pass, without the stages' sum.
 
     With ``total = contract_stored(cores, scales) (+ previous)``, returns what
-    :func:`norms_and_distances` ``(flat, total)`` and :func:`pixel_squared_error`
-    ``(total, images, layout, max_value)`` return for the integer images ``flat`` was folded
-    from (``fold_scaled(images, layout, max_value)``): the squared errors exactly, the norms to
-    rounding.  Each tensor is contracted into the cache and compared there; the images are read
+    :func:`errors_against_pixels` ``(flat, total, layout, max_value)`` returns for the integer
+    images ``flat`` was folded from (``fold_scaled(images, layout, max_value)``): the squared
+    errors exactly, the norms to rounding.  Each tensor is contracted into the cache and compared there; the images are read
     back from ``flat`` (``rint(flat·max_value)`` is every pixel exactly).  None when numba is not
     used or the cores have shapes the compiled contraction does not take (:func:`contract_cores`
     returns None for them).
@@ -577,17 +587,13 @@ def stage_errors(
     norm, dist : ndarray of shape (B·M,)
     squared_error : ndarray of shape (B,)
     """
-    if not use_numba() or len(cores) < 2 or cores[0].shape[0] == 0:
+    ready = _packed_for_contraction(cores, scales)
+    if ready is None:
         return None
-    plan = _contract_plan([c.shape for c in cores])
-    if plan is None:
-        return None
-    dims, ranks, split = plan
-    b = cores[0].shape[0]
+    packed, offsets, dims, ranks, split = ready
+    b = packed.shape[0]
     if b % layout.mps_per_image or flat.shape != (b, dims.prod()) or dims.prod() != layout.pixels_per_mps:
         raise ValueError(f"{b} tensors of {flat.shape[1:]} are not images folded by {layout}")
-    packed = np.empty((b, sum(int(np.prod(c.shape[1:])) for c in cores)))
-    offsets = np.array(_pack(cores, scales, packed, 0), dtype=np.int64)
     flat = np.ascontiguousarray(flat, dtype=np.float64)
     norm, dist, sq = np.empty(b), np.empty(b), np.zeros(b // layout.mps_per_image)
     _kernels()["contract_errors"](
@@ -839,20 +845,6 @@ def _scale_table(top: int, max_value: int) -> np.ndarray:
     table = np.arange(top + 1) / max_value
     table.flags.writeable = False
     return table
-
-
-def pixel_squared_error(recon: np.ndarray, images: np.ndarray, layout: Any, max_value: int) -> np.ndarray:
-    """Per image ``Σ (clip(rint(from_sites(recon)·max)) − image)²`` of (N·M, P) reconstructions."""
-    n = images.shape[0]
-    if not use_numba() or images.dtype.kind not in "ui":
-        decoded = np.clip(np.rint(layout.from_sites(recon) * max_value), 0, max_value)
-        return ((decoded - images) ** 2).reshape(n, -1).sum(axis=1)
-    out = np.empty(n)
-    _kernels()["squared_error"](
-        np.ascontiguousarray(recon, dtype=np.float64).reshape(n, -1),
-        np.ascontiguousarray(images).reshape(n, -1), site_index(layout), float(max_value), out,
-    )
-    return out
 
 
 def unfold_rounded(

@@ -790,9 +790,9 @@ def _gram_group(x, xo, stride, own, c0, cn, rows, cols, left, g, nl, tmp):  # pr
     # The Gram matrices of the cn <= gram_group matrices x[xo + own[c]·stride:] (rows×cols),
     # c = c0 … c0+cn−1, into lanes c0 … c0+cn−1 of g: x xᵀ with ``left`` (gram_rows_into), else
     # xᵀ x (BLAS: one call per matrix costs less than any loop here), the upper triangle mirrored
-    # so that the lanes hold exactly symmetric matrices.  The group goes to tmp first and then into g entry
-    # by entry, cn adjacent lanes at a time: a matrix at a time, every entry would land in a
-    # cache line of its own (lanes are nl numbers apart), which cost 2.7× the time with 64 lanes.
+    # so that the lanes hold exactly symmetric matrices.  The group goes to tmp first, then into
+    # g entry by entry, cn adjacent lanes at a time: a matrix at a time, every entry would land
+    # in a cache line of its own (lanes are nl numbers apart), 2.7× the time with 64 lanes.
     n = rows if left else cols
     nn = n * n
     for c in range(cn):
@@ -1132,9 +1132,9 @@ def tt_sweep(a, sites, caps, dsq, use_tol, basis_bond, basis_vals, basis_vecs, m
 def gram_rows_into(xf, xo, m, p, of, oo):  # pragma: no cover - compiled
     # of[oo: oo + m*m] = X Xᵀ (row-major, exactly symmetric) for X = xf[xo: xo + m*p] (m×p,
     # row-major).  With m a multiple of 4, the upper triangle in 4×4 blocks: 16 sums in registers,
-    # each of 8 rows loaded once per column (0.71 against 1.13 µs for 16×64 with one dot product
-    # per pair, and against 1.04 with BLAS); otherwise one dot product per pair.  Not inlined
-    # into its callers: numba's inlining would drop these fastmath flags, and the sums with them.
+    # each number of the blocks' 8 rows read once per block (0.71 against 1.13 µs for 16×64 with
+    # one dot product per pair, and against 1.04 with BLAS); otherwise one dot product per pair.
+    # Not inlined into its callers: numba's inlining would drop these fastmath flags.
     if m % 4 == 0:
         for i0 in range(0, m, 4):
             r0 = xo + i0 * p
@@ -1373,34 +1373,6 @@ def gather_table(images, idx, table, out):  # pragma: no cover - compiled
         for j in range(q):
             s = idx[U(j)]
             out[U(i), U(j)] = table[U(images[U(i), U(s)])] if s >= 0 else 0.0
-
-
-@njit(nogil=True, cache=True)
-def squared_error(recon, images, idx, max_value, out):  # pragma: no cover - compiled
-    # out[i] = Σ_j (clip(rint(recon[i, j]·max), 0, max) − images[i, idx[j]])² over idx[j] >= 0.
-    # Three passes per image: round (a vector loop), gather the differences, sum the squares.
-    # Every term is an integer, so while the sum stays below 2^53 it is exact in any order (for
-    # uint8 images always: 255² per pixel; for uint16, unless about 2 million pixels are all off
-    # by the full range): four running sums instead of one keep the additions from waiting on
-    # each other.
-    n = images.shape[0]
-    q = idx.shape[0]
-    d = np.empty(q)
-    for i in range(n):
-        for j in range(q):
-            d[U(j)] = min(max(_rint_small(recon[U(i), U(j)] * max_value), 0.0), max_value)
-        for j in range(q):
-            s = idx[U(j)]
-            d[U(j)] = d[U(j)] - images[U(i), U(s)] if s >= 0 else 0.0
-        a0 = a1 = a2 = a3 = 0.0
-        for j in range(0, q - 3, 4):
-            a0 += d[U(j)] * d[U(j)]
-            a1 += d[U(j + 1)] * d[U(j + 1)]
-            a2 += d[U(j + 2)] * d[U(j + 2)]
-            a3 += d[U(j + 3)] * d[U(j + 3)]
-        for j in range(q - q % 4, q):
-            a0 += d[U(j)] * d[U(j)]
-        out[U(i)] = (a0 + a1) + (a2 + a3)
 
 
 @njit(nogil=True, cache=True, inline="always")

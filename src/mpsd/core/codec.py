@@ -115,7 +115,7 @@ class EncodedBatch:
     reconstruction : ndarray of shape (B, prod d)
         ``Σ stages`` as decoded from what is stored; shape (B, 0) when ``pixels`` were given.
     pixel_squared_error : ndarray of shape (N,), or None
-        With ``pixels``: per image ``Σ (clip(rint(Σ stages · max)) − image)²`` over its pixels.
+        With ``pixels``: per image ``Σ (clip(rint(Σ stages · max), 0, max) − image)²`` over its pixels.
     """
 
     stages: list[EncodedStage]
