@@ -514,11 +514,20 @@ def _shifts(lam, j, prev, sig, norm, nl):  # pragma: no cover - compiled
         prev[U(v)] = x
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _floor_pivot(u, tv):  # pragma: no cover - compiled
+    # u, or ±tv where |u| < tv (+tv for 0): a pivot of U as LAPACK dlagts (job −1) perturbs it
+    return u if abs(u) >= tv else (tv if u >= 0.0 else -tv)
+
+
 @njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
 def _lu_lanes(dt, et, sig, n, nl, ud, u1, u2, lm, sw, tiny):  # pragma: no cover - compiled
     # LU with partial pivoting of T − sig (LAPACK dlagtf): U has the diagonal ud and two
     # super-diagonals u1, u2; step i multiplies by lm[i] after swapping rows i, i+1 where sw[i].
-    # A zero pivot is replaced by tiny (ε·‖T‖), as inverse iteration wants.
+    # A pivot smaller than tiny (ε·‖T‖) in size is stored as ±tiny, as inverse iteration wants
+    # (LAPACK dstein): the solve then grows the eigenvector's component by ~1/ε, never more.  A
+    # pivot that is only replaced when exactly 0 lets a sub-diagonal of 1e-160 (rounding in a
+    # Gram matrix of tiny numbers) become the pivot, and the solve overflow to inf.
     for v in range(nl):
         ud[U(v)] = dt[U(v)] - sig[U(v)]
         u1[U(v)] = et[U(nl + v)]
@@ -534,7 +543,7 @@ def _lu_lanes(dt, et, sig, n, nl, ud, u1, u2, lm, sw, tiny):  # pragma: no cover
             p0 = piv if piv != 0.0 else tv
             l_keep = below / p0
             l_swap = piv / below
-            ud[U(i * nl + v)] = below if swap else p0
+            ud[U(i * nl + v)] = _floor_pivot(below if swap else p0, tv)
             u1[U(i * nl + v)] = dn if swap else sup
             u2[U(i * nl + v)] = en if swap else 0.0
             lm[U(i * nl + v)] = l_swap if swap else l_keep
@@ -542,9 +551,7 @@ def _lu_lanes(dt, et, sig, n, nl, ud, u1, u2, lm, sw, tiny):  # pragma: no cover
             ud[U((i + 1) * nl + v)] = sup - l_swap * dn if swap else dn - l_keep * sup
             u1[U((i + 1) * nl + v)] = -l_swap * en if swap else en
     for v in range(nl):
-        x = ud[U((n - 1) * nl + v)]
-        tv = tiny[U(v)]
-        ud[U((n - 1) * nl + v)] = x if x != 0.0 else tv
+        ud[U((n - 1) * nl + v)] = _floor_pivot(ud[U((n - 1) * nl + v)], tiny[U(v)])
 
 
 @njit(nogil=True, cache=True, fastmath=fm, error_model="numpy")
