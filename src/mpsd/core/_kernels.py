@@ -566,10 +566,10 @@ def stage_errors(
     With ``total = contract_stored(cores, scales) (+ previous)``, returns what
     :func:`errors_against_pixels` ``(flat, total, layout, max_value)`` returns for the integer
     images ``flat`` was folded from (``fold_scaled(images, layout, max_value)``): the squared
-    errors exactly, the norms to rounding.  Each tensor is contracted into the cache and compared there; the images are read
-    back from ``flat`` (``rint(flat·max_value)`` is every pixel exactly).  None when numba is not
-    used or the cores have shapes the compiled contraction does not take (:func:`contract_cores`
-    returns None for them).
+    errors exactly, the norms to rounding.  Each tensor is contracted into the cache and compared
+    there; the images are read back from ``flat`` (``rint(flat·max_value)`` is every pixel
+    exactly).  None when numba is not used or the cores have shapes the compiled contraction does
+    not take (:func:`contract_cores` returns None for them).
 
     Parameters
     ----------
