@@ -658,7 +658,7 @@ def gauge_quantize_int8(
     if not use_numba() or not cores or cores[0].shape[0] == 0:
         return None
     b = cores[0].shape[0]
-    sizes = [int(np.prod(c.shape[1:])) for c in cores]
+    sizes = [math.prod(c.shape[1:]) for c in cores]
     packed = _side_by_side(cores) if overwrite else None
     if packed is not None:
         offsets = [int(o) for o in np.cumsum([0, *sizes[:-1]])]
@@ -688,16 +688,19 @@ def _side_by_side(cores: list[np.ndarray]) -> np.ndarray | None:
     start = buffer.__array_interface__["data"][0]
     row = buffer.strides[0]
     offset = 0
-    for c in cores:
-        size = int(np.prod(c.shape[1:]))
-        inner = tuple(int(x) for x in np.cumprod([8, *c.shape[:0:-1]])[:-1][::-1])
+    for c in cores:  # plain ints: numpy calls on these tiny shapes cost ~100 µs per batch
+        inner = []
+        step = 8
+        for d in reversed(c.shape[1:]):
+            inner.append(step)
+            step *= d
         if (
             c.dtype != np.float64
             or c.__array_interface__["data"][0] != start + 8 * offset
-            or c.strides != (row, *inner)
+            or c.strides != (row, *reversed(inner))
         ):
             return None
-        offset += size
+        offset += step // 8
     return buffer if offset == buffer.shape[1] else None
 
 
