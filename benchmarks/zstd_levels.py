@@ -21,17 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mpsd  # noqa: E402
+from cpu_breakdown import DATA, MODES  # it puts ../src on the path too
 
-DATA = Path(os.environ.get("MPSD_BENCH_DATA", ROOT.parent / "shared" / "data"))
-MODES = {
-    "--bond 4,6,6,4": {"bond": "4,6,6,4"},
-    "residual": {"bond": "4,6,6,4", "residual_bonds": ["4,6,6,4"]},
-    "--tol 0.05": {"tol": 0.05},
-}
+import mpsd
+
 LEVELS = (-1, 1, 3, 9, 19)
 
 
