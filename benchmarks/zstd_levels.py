@@ -1,8 +1,8 @@
 """Bytes and CPU time of zstd levels on the chunks of real mpsd stores.
 
-Compresses the CIFAR-10 training images of ``../shared/data`` (4,000) in three modes, then re-encodes every
-chunk of every array of each store with numcodecs' Zstd at several levels and prints bytes per
-image and encode/decode µs per image (one thread)::
+Compresses the CIFAR-10 training images of ``../shared/data`` (4,000) in the three modes of
+``cpu_breakdown.py``, then re-encodes every chunk of every array of each store with numcodecs'
+Zstd at several levels and prints bytes per image and encode/decode µs per image (one thread)::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/zstd_levels.py
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-#: zstd level used for every array.  Level 1: on int8 cores it writes within 0.1–0.6 % of the
-#: bytes of zstd's default level 3 in half the CPU time, and level 19 saves only 0.5–1.5 % more
-#: for 100× the time (``docs/benchmarks.md``, "zstd level").
+#: zstd level used for every array.  Level 1: on CIFAR-10 stores it writes 0.1–0.6 % more bytes
+#: than zstd's default level 3 in half the CPU time, and level 19 saves only 0.5–1.5 % for 30–110×
+#: the time (``docs/benchmarks.md``, "zstd level 1 instead of 3").
 ZSTD_LEVEL = 1
 
 #: Codec names a store may use; anything else is refused on open (untrusted stores).
