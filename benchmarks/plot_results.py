@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/plot_results.py a.json b.json --out docs/results.png
     .venv/bin/python benchmarks/plot_results.py old.json rerun.json:mpsd,mpsd-kd   # only those methods of rerun.json
+    .venv/bin/python benchmarks/plot_results.py --pool seed0.json seed1.json       # two --seed runs as one experiment
 
 It also prints, per panel, markdown tables of accuracy by method and budget (bytes, then ρ).
 
@@ -12,7 +13,8 @@ panel each) and by method (one line each); where files overlap, the row with mor
 (on a tie, the later file).  Only byte budgets are plotted (parameter-ratio budgets have no
 common x axis with the codecs).  x is the whole arm's bytes on disk divided by the number of training images of
 the full set, so coresets (fewer images, same total bytes) sit at their real budget.  Error bars
-are the standard deviation over repeats where there are several.  The original training set is a
+are the standard deviation over repeats where there are several.  ``--pool`` takes the files as
+seeds of one experiment and makes every row from all their runs (see :func:`collect`).  The original training set is a
 dashed horizontal line at its raw size.
 """
 
@@ -44,7 +46,7 @@ def split_source(source: Path | str) -> tuple[Path, set[str] | None]:
     return Path(text), None
 
 
-def collect(paths: list[Path]) -> dict[str, dict]:
+def collect(paths: list[Path], pool: bool = False) -> dict[str, dict]:
     """Summary rows of every file, one per panel, method and budget.
 
     Returns ``{panel: {"n_train": int, "rows": {(method, budget_label): row}, "failures":
@@ -55,6 +57,11 @@ def collect(paths: list[Path]) -> dict[str, dict]:
     kept, and on a tie the file given last (a re-run listed after the run it replaces): rows are
     never averaged across files.  A path written ``file.json:m1,m2`` contributes only the rows
     (and failures) of those methods (see :func:`split_source`).
+
+    With ``pool``, files are instead taken as seeds of one experiment (another ``--seed`` of the
+    same command): the runs of every file are pooled, one per method, budget, seed and protocol
+    (the file given last wins where two ran the same seed), and each row is made from all of
+    them by :func:`mpsd.evaluate.report.summarise`, as ``mpsd evaluate --repeats`` would make it.
     """
     out: dict[str, dict] = defaultdict(lambda: {"n_train": None, "rows": {}, "failures": {}})
     for source in paths:
@@ -62,7 +69,12 @@ def collect(paths: list[Path]) -> dict[str, dict]:
         data = json.loads(path.read_text())
         panel = out[panel_name(data)]
         panel["n_train"] = int(data["environment"]["dataset"]["n_train"])
-        for row in data["summary"]:
+        for run in data["runs"] if pool else ():
+            if only is None or run["method"] in only:
+                budget = run.get("budget")
+                label = None if budget is None else budget.get("label")
+                panel.setdefault("runs", {})[(run["method"], label, int(run["seed"]), run["protocol"])] = run
+        for row in () if pool else data["summary"]:
             if only is not None and row["method"] not in only:
                 continue
             key = (row["method"], str(row["budget"]))
@@ -76,13 +88,19 @@ def collect(paths: list[Path]) -> dict[str, dict]:
             if b.get("kind") in ("bytes", "ratio"):
                 label = f"{round(100 * b['fraction'])}% bytes" if b["kind"] == "bytes" else f"ρ={b['fraction']:g}"
                 panel["failures"].setdefault((fail["method"], label, b["kind"], b["fraction"]), fail.get("reason", ""))
+    if pool:
+        from mpsd.evaluate.report import summarise
+
+        for panel in out.values():
+            for row in summarise(list(panel.pop("runs", {}).values())):
+                panel["rows"][(row["method"], str(row["budget"]))] = row
     return out
 
 
-def load_points(paths: list[Path]) -> dict[str, dict]:
+def load_points(paths: list[Path], pool: bool = False) -> dict[str, dict]:
     """``{panel: {"original": (bytes/img, acc), "methods": {method: [(bytes/img, acc, std)]}}}``."""
     out: dict[str, dict] = {}
-    for name, panel in collect(paths).items():
+    for name, panel in collect(paths, pool).items():
         n_train = panel["n_train"]
         points: dict = {"original": None, "methods": defaultdict(list)}
         for (method, budget), row in panel["rows"].items():
@@ -95,7 +113,7 @@ def load_points(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
-def pivot_tables(paths: list[Path], kind: str = "bytes") -> str:
+def pivot_tables(paths: list[Path], kind: str = "bytes", pool: bool = False) -> str:
     """Markdown: per panel, test accuracy of every method (rows) at every budget (columns).
 
     ``kind`` is ``"bytes"`` (budgets as fractions of the raw bytes) or ``"ratio"`` (the paper's
@@ -105,7 +123,7 @@ def pivot_tables(paths: list[Path], kind: str = "bytes") -> str:
     """
     out = []
     what = "actual byte ratio" if kind == "bytes" else "actual parameter and byte ratios"
-    for name, panel in sorted(collect(paths).items()):
+    for name, panel in sorted(collect(paths, pool).items()):
         cells: dict[str, dict[str, str]] = defaultdict(dict)
         budgets: dict[str, float] = {}
         orig = "not run"
@@ -180,12 +198,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="results.json files from mpsd evaluate (file.json:m1,m2 for only those methods)")
     parser.add_argument("--out", type=Path, default=Path("docs/results.png"))
+    parser.add_argument("--pool", action="store_true",
+                        help="the files are seeds of one experiment: pool their runs (see collect)")
     args = parser.parse_args()
-    points = load_points(args.results)
+    points = load_points(args.results, args.pool)
     if any(p["methods"] for p in points.values()):
         plot(points, args.out)
     for kind in ("bytes", "ratio"):
-        print(pivot_tables(args.results, kind))
+        print(pivot_tables(args.results, kind, args.pool))
 
 
 if __name__ == "__main__":
