@@ -10,12 +10,12 @@ It also prints, per panel, markdown tables of accuracy by method and budget (byt
 
 Every ``results.json`` given is read; runs are grouped by dataset and training-set size (one
 panel each) and by method (one line each); where files overlap, the row with more repeats wins
-(on a tie, the later file).  Only byte budgets are plotted (parameter-ratio budgets have no
-common x axis with the codecs).  x is the whole arm's bytes on disk divided by the number of training images of
-the full set, so coresets (fewer images, same total bytes) sit at their real budget.  Error bars
-are the standard deviation over repeats where there are several.  ``--pool`` takes the files as
-seeds of one experiment and makes every row from all their runs (see :func:`collect`).  The original training set is a
-dashed horizontal line at its raw size.
+(on a tie, the later file).  ``--pool`` instead takes the files as seeds of one experiment and
+makes every row from all their runs (see :func:`collect`).  Only byte budgets are plotted
+(parameter-ratio budgets have no common x axis with the codecs).  x is the whole arm's bytes on
+disk divided by the number of training images of the full set, so coresets (fewer images, same
+total bytes) sit at their real budget.  Error bars are the standard deviation over repeats where
+there are several.  The original training set is a dashed horizontal line at its raw size.
 """
 
 from __future__ import annotations
