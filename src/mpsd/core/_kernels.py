@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
 import os
 import threading
@@ -498,7 +499,7 @@ def _pack(cores: list[np.ndarray], scales: np.ndarray | None, out: np.ndarray, s
     scale64 = None if scales is None else np.asarray(scales, dtype=np.float64)
     kernel = _kernels()["pack_scaled"] if use_numba() else None
     for k, c in enumerate(cores):
-        size = int(np.prod(c.shape[1:]))
+        size = math.prod(c.shape[1:])
         rows = c.reshape(b, size)
         if kernel is not None and rows.dtype in _PACK_TYPES and out.flags.c_contiguous:
             # exactly as below, without numpy's casting loop over a strided view
@@ -548,7 +549,7 @@ def _packed_for_contraction(
     plan = _contract_plan([c.shape for c in cores])
     if plan is None:
         return None
-    packed = np.empty((cores[0].shape[0], sum(int(np.prod(c.shape[1:])) for c in cores)))
+    packed = np.empty((cores[0].shape[0], sum(math.prod(c.shape[1:]) for c in cores)))
     offsets = np.array(_pack(cores, scales, packed, 0), dtype=np.int64)
     return (packed, offsets, *plan)
 
@@ -661,7 +662,7 @@ def gauge_quantize_int8(
     sizes = [math.prod(c.shape[1:]) for c in cores]
     packed = _side_by_side(cores) if overwrite else None
     if packed is not None:
-        offsets = [int(o) for o in np.cumsum([0, *sizes[:-1]])]
+        offsets = list(itertools.accumulate(sizes[:-1], initial=0))
     else:
         packed = np.empty((b, sum(sizes)))
         offsets = _pack(cores, None, packed, 0)
