@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,27 @@ def test_selection_and_indexing(tmp_path, cifar):
     np.testing.assert_array_equal(store[10:90:7], everything[10:90:7])
     with pytest.raises(IndexError):
         store[130]
+
+
+@pytest.mark.parametrize("kind", ["image", "float"])
+def test_outputs_in_base_pages_decode_the_same(tmp_path, cifar, monkeypatch, kind):
+    """Large outputs come from an anonymous map on Linux (no huge-page advice): same values."""
+    from mpsd.archive import reader
+
+    x = cifar["x_train"][:130]
+    store = mpsd.compress(x, tmp_path / "s.zarr", bond="4,6,6,4", chunk_images=32)
+    monkeypatch.setattr(reader, "BASE_PAGES_FROM_BYTES", 2**62)
+    plain = store.decode(slice(None), kind=kind)
+    monkeypatch.setattr(reader, "BASE_PAGES_FROM_BYTES", 1)
+    mapped = store.decode(slice(None), kind=kind)
+    owner = mapped
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    assert isinstance(owner, mmap.mmap) == sys.platform.startswith("linux")
+    assert mapped.flags.writeable and mapped.flags.c_contiguous
+    assert mapped.dtype == plain.dtype and mapped.shape == plain.shape == (130, 32, 32, 3)
+    np.testing.assert_array_equal(mapped, plain)
 
 
 @pytest.mark.parametrize("through_zarr", [False, True])

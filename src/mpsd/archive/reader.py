@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,6 +71,30 @@ def _zstd_content_size(header: bytes) -> int | None:
         return None
     value = int.from_bytes(header[pos : pos + width], "little")
     return value + 256 if width == 2 else value
+
+
+#: Outputs from this size on get pages of the base size (:func:`_output_array`); numpy asks for
+#: transparent huge pages from 4 MiB on.
+BASE_PAGES_FROM_BYTES = 4 * 2**20
+
+
+def _output_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array for decoded images, in pages of the base size on Linux.
+
+    numpy advises the kernel to back every array of 4 MiB or more with transparent huge pages,
+    and under the common setting ``/sys/kernel/mm/transparent_hugepage/defrag = madvise`` the
+    first write to such memory may stall while the kernel compacts memory to find 2 MiB pages.
+    A decoded dataset is written once, page after page, so huge pages save little there: in
+    fresh processes decoding 50,000 CIFAR-10 images (2026-12-08, 2 vCPUs), system time was
+    1.4–7.3 µs per image with numpy's array and 1.4–2.7 with this one (91–127k against
+    118–134k img/s).  Anonymous ``mmap`` memory gets no such advice; the array owns the map,
+    which is unmapped with it.  Elsewhere, and for small outputs, ``numpy.empty``.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not sys.platform.startswith("linux") or nbytes < BASE_PAGES_FROM_BYTES:
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 class Archive:
@@ -452,7 +478,7 @@ class Archive:
         """
         idx, single = self._indices(key)
         h, w, c = self.image_shape
-        out = np.empty((idx.size, h, w, c), dtype=np.float32 if kind == "float" else self.dtype)
+        out = _output_array((idx.size, h, w, c), np.float32 if kind == "float" else self.dtype)
         if idx.size:
             order = np.argsort(idx, kind="stable")
             sorted_idx = idx[order]
