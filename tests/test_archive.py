@@ -163,6 +163,27 @@ def test_outputs_in_base_pages_decode_the_same(tmp_path, cifar, monkeypatch, kin
     np.testing.assert_array_equal(mapped, plain)
 
 
+def test_decode_blocks_bounded_by_bytes_decode_the_same(tmp_path, cifar, monkeypatch):
+    from mpsd.archive import reader
+
+    x = cifar["x_train"][:70]
+    store = mpsd.compress(x, tmp_path / "s.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], chunk_images=32)
+    whole = store.decode(slice(None))
+    some = store.decode([69, 3, 40, 3])
+    calls: list[int] = []
+    round_images = reader.Archive._round_images
+
+    def counted(self, part, *args, **kwargs):
+        calls.append(len(part[0][0][0]))
+        return round_images(self, part, *args, **kwargs)
+
+    monkeypatch.setattr(reader.Archive, "_round_images", counted)
+    monkeypatch.setattr(reader, "DECODE_BLOCK_BYTES", 3 * 32 * 32 * 3 * 8)  # three images a block
+    np.testing.assert_array_equal(store.decode(slice(None)), whole)
+    assert max(calls) == 3 * 3 and len(calls) == 11 + 11 + 2  # tensors: 3 per image; chunks 32, 32, 6
+    np.testing.assert_array_equal(store.decode([69, 3, 40, 3]), some)
+
+
 @pytest.mark.parametrize("through_zarr", [False, True])
 def test_decoding_one_image_reads_only_its_chunk(tmp_path, cifar, monkeypatch, through_zarr):
     x = np.concatenate([cifar["x_train"]] * 3)  # 1,200 images, 10 chunks of 128

@@ -7,6 +7,11 @@ comparisons are skipped and only the fallback is exercised (by the rest of the s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -741,3 +746,30 @@ def test_gauge_and_int8_quantisation_kernel_equals_the_numpy_path(numpy_only, ci
     deq = [q.astype(np.float64) * fs[:, k, None, None, None] for k, q in enumerate(fq)]
     err = np.linalg.norm(contract(deq) - contract(cores), axis=1) / np.maximum(np.linalg.norm(contract(cores), axis=1), 1e-300)
     assert err[3] == 0 and np.median(err) < 0.02
+
+
+@needs_numba
+def test_blas_limit_reaches_the_blas_of_the_compiled_kernels():
+    """blas_single_thread() pins scipy's OpenBLAS too, which numba loads on a kernel's first use.
+
+    In a fresh process (nothing of scipy loaded yet) with OpenBLAS defaulting to two threads:
+    after a compiled kernel that calls BLAS ran inside the limit, every OpenBLAS of the process
+    must be at one thread.
+    """
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from threadpoolctl import threadpool_info
+        from mpsd._threads import blas_single_thread
+        from mpsd.core import _kernels
+
+        with blas_single_thread():
+            _kernels.gram_cols(np.random.default_rng(0).random((4, 64, 16)))  # np.dot in numba
+            libs = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["internal_api"] == "openblas"]
+        assert libs, libs  # numpy's and (pip wheels) scipy's, the one numba calls
+        assert all(n == 1 for _, n in libs), libs
+        """
+    )
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", MPSD_NO_NUMBA="")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

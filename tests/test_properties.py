@@ -65,6 +65,29 @@ def test_same_input_same_store_bit_for_bit_whatever_the_worker_count(tmp_path, c
     assert _chunk_hashes(a.path) == _chunk_hashes(b.path)
 
 
+
+def test_large_images_go_in_smaller_tasks_and_the_store_stays_the_same(tmp_path, cifar, monkeypatch):
+    from mpsd import api
+
+    assert api.task_images(32 * 32 * 3) == api.TASK_IMAGES  # CIFAR-10: 3 MiB of float64 per task
+    assert api.task_images(28 * 28) == api.TASK_IMAGES
+    assert api.task_images(128 * 128 * 3) * 128 * 128 * 3 * 8 <= api.TASK_BYTES
+    assert api.task_images(224 * 224 * 3) == 16  # the floor: 48 matrices, whole blocks of lanes
+    x = cifar["x_train"][:150]
+    a = mpsd.compress(x, tmp_path / "a.zarr", tol=0.05, workers=2, chunk_images=64)
+    sizes: list[int] = []
+    encode = api._encode_images
+
+    def counted(images, *args, **kwargs):
+        sizes.append(len(images))
+        return encode(images, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_encode_images", counted)
+    monkeypatch.setattr(api, "TASK_BYTES", 1)  # every image "large": tasks of 16
+    b = mpsd.compress(x, tmp_path / "b.zarr", tol=0.05, workers=2, chunk_images=64)
+    assert sorted(sizes) == [11, 11] + [16] * 8  # chunks of 64, 64 and 22 images
+    assert _chunk_hashes(a.path) == _chunk_hashes(b.path)
+
 @st.composite
 def padded_cores(draw):
     """A batch of zero-padded cores (B, R0, d, R1), each tensor with its own ranks."""

@@ -33,8 +33,10 @@ from mpsd.errors import ChunkNotFoundError, CorruptChunkError, StoreError
 IndexLike = int | slice | Sequence[int] | np.ndarray
 
 
-#: Images rebuilt at a time inside a chunk while decoding (keeps the float temporaries small).
+#: Images rebuilt at a time inside a chunk while decoding (keeps the float temporaries small) ...
 DECODE_BLOCK_IMAGES = 256
+#: ... and fewer for large images: at most this many bytes of float64 values per block.
+DECODE_BLOCK_BYTES = 8 * 2**20
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -484,6 +486,7 @@ class Archive:
             sorted_idx = idx[order]
             runs = list(self._iter_runs(sorted_idx))
             max_value = self.meta.max_value
+            block_images = min(DECODE_BLOCK_IMAGES, max(1, DECODE_BLOCK_BYTES // (8 * max(h * w * c, 1))))
 
             def place(members: np.ndarray, values: np.ndarray) -> None:
                 lo = np.searchsorted(sorted_idx, members[0], side="left")
@@ -502,8 +505,8 @@ class Archive:
                 # temporaries), and round straight into the output: clip(rint(from_sites·max))
                 stages = self._read_stages(start, stop, unpack=False)
                 m = self.meta.mps_per_image
-                for lo in range(start, stop, DECODE_BLOCK_IMAGES):
-                    hi = min(lo + DECODE_BLOCK_IMAGES, stop)
+                for lo in range(start, stop, block_images):
+                    hi = min(lo + block_images, stop)
                     sel = members[(members >= lo) & (members < hi)]
                     if sel.size == 0:
                         continue
