@@ -169,6 +169,7 @@ def test_decode_blocks_bounded_by_bytes_decode_the_same(tmp_path, cifar, monkeyp
     x = cifar["x_train"][:70]
     store = mpsd.compress(x, tmp_path / "s.zarr", bond="4,6,6,4", residual_bonds=["2,2,2,2"], chunk_images=32)
     whole = store.decode(slice(None))
+    whole_floats = store.decode(slice(None), kind="float")
     some = store.decode([69, 3, 40, 3])
     calls: list[int] = []
     round_images = reader.Archive._round_images
@@ -182,6 +183,18 @@ def test_decode_blocks_bounded_by_bytes_decode_the_same(tmp_path, cifar, monkeyp
     np.testing.assert_array_equal(store.decode(slice(None)), whole)
     assert max(calls) == 3 * 3 and len(calls) == 11 + 11 + 2  # tensors: 3 per image; chunks 32, 32, 6
     np.testing.assert_array_equal(store.decode([69, 3, 40, 3]), some)
+    floated: list[int] = []
+    decode_stages = reader.decode_stages
+
+    def counted_floats(stages):
+        floated.append(len(stages[0][0][0]))
+        return decode_stages(stages)
+
+    monkeypatch.setattr(reader, "decode_stages", counted_floats)
+    floats = store.decode(slice(None), kind="float")  # blocks of three images too
+    assert max(floated) == 3 * 3 and len(floated) == 11 + 11 + 2 and floats.dtype == np.float32
+    np.testing.assert_allclose(floats, whole_floats, rtol=0, atol=1e-4)
+    assert np.abs(np.clip(floats, 0, 255) - whole).max() <= 0.5 + 1e-3  # the images are these, rounded
 
 
 @pytest.mark.parametrize("through_zarr", [False, True])

@@ -425,14 +425,6 @@ class Archive:
             stages.append((cores, scales) if unpack or ranks is None else (cores, scales, ranks))
         return stages
 
-    def _decode_rows(self, start: int, stop: int, *, flat: bool = False) -> np.ndarray:
-        """Float reconstruction (normalised units) of images start:stop inside one chunk: (B, H, W, C).
-
-        With ``flat``, the (B·M, prod sites) site tensors before unfolding.
-        """
-        result = decode_stages(self._read_stages(start, stop))
-        return result if flat else self.meta.layout.from_sites(result)
-
     def _round_images(self, stages: list[tuple[Any, ...]], out: np.ndarray | None = None) -> np.ndarray:
         """Stored stages of whole images to rounded images ((B, H, W, C) of the source dtype).
 
@@ -497,13 +489,9 @@ class Archive:
 
             def one_run(run: tuple[int, int, np.ndarray]) -> None:
                 start, stop, members = run
-                if kind == "float":
-                    block = self._decode_rows(start, stop) * max_value
-                    place(members, block[members - start].astype(np.float32))
-                    return
                 # read the chunk once, rebuild it in cache-sized blocks of rows (bounded
                 # temporaries), and round straight into the output: clip(rint(from_sites·max))
-                stages = self._read_stages(start, stop, unpack=False)
+                stages = self._read_stages(start, stop, unpack=kind == "float")
                 m = self.meta.mps_per_image
                 for lo in range(start, stop, block_images):
                     hi = min(lo + block_images, stop)
@@ -515,6 +503,10 @@ class Archive:
                         ([c[a:b] for c in st[0]], *(None if x is None else x[a:b] for x in st[1:]))
                         for st in stages
                     ]
+                    if kind == "float":  # pixel units, before rounding
+                        block = self.meta.layout.from_sites(decode_stages(part)) * max_value
+                        place(sel, block[sel - lo].astype(np.float32))
+                        continue
                     p0 = np.searchsorted(sorted_idx, sel[0], side="left")
                     p1 = np.searchsorted(sorted_idx, sel[-1], side="right")
                     if sel.size == hi - lo == p1 - p0 and order[p0] + (p1 - p0) - 1 == order[p1 - 1] and (
