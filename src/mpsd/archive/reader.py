@@ -86,11 +86,12 @@ def _output_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     numpy advises the kernel to back every array of 4 MiB or more with transparent huge pages,
     and under the common setting ``/sys/kernel/mm/transparent_hugepage/defrag = madvise`` the
     first write to such memory may stall while the kernel compacts memory to find 2 MiB pages.
-    A decoded dataset is written once, page after page, so huge pages save little there: in
-    fresh processes decoding 50,000 CIFAR-10 images (2026-12-08, 2 vCPUs), system time was
-    1.4–7.3 µs per image with numpy's array and 1.4–2.7 with this one (91–127k against
-    118–134k img/s).  Anonymous ``mmap`` memory gets no such advice; the array owns the map,
-    which is unmapped with it.  Elsewhere, and for small outputs, ``numpy.empty``.
+    A decoded dataset is written once, page after page, so huge pages save little there: fresh
+    processes compressing then decoding 50,000 CIFAR-10 images (2026-12-08, 2 vCPUs, four runs
+    each) decoded 85–117k img/s with 2.3–9.2 µs of system time per image with numpy's array,
+    110–116k with 2.6–3.6 with this one.  Anonymous ``mmap`` memory gets no such advice; the
+    array owns the map, which is unmapped with it.  Elsewhere, and for small outputs,
+    ``numpy.empty``.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -489,8 +490,9 @@ class Archive:
 
             def one_run(run: tuple[int, int, np.ndarray]) -> None:
                 start, stop, members = run
-                # read the chunk once, rebuild it in cache-sized blocks of rows (bounded
-                # temporaries), and round straight into the output: clip(rint(from_sites·max))
+                # read the chunk once and rebuild it in cache-sized blocks of rows (bounded
+                # temporaries): images rounded straight into the output, clip(rint(from_sites·max)),
+                # floats (kind="float") placed as they are
                 stages = self._read_stages(start, stop, unpack=kind == "float")
                 m = self.meta.mps_per_image
                 for lo in range(start, stop, block_images):
